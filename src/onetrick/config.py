@@ -1,0 +1,152 @@
+"""Training configuration: one dataclass, validated before any worker starts.
+
+The architecture lives in ``models``; everything tunable lives here, as cuda-convnet2
+kept its layer definitions apart from its layer parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STRATEGIES = ("single", "data", "model", "hybrid", "hogwild", "paramserver")
+DATA_PARALLEL_SYNCS = ("ddp", "sharded")
+SCHEMES = ("a", "b", "c")
+FC_BATCHES = ("full", "worker")
+LR_SCALES = ("none", "linear", "sqrt")
+SCHEDULES = ("step", "const", "linear", "exp")
+DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """An invalid option or combination; the message is one line naming the problem."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "smallnet"
+    data: str = "digits"
+    image_size: int | None = None          # None: the model's native input size
+    dropout: float = 0.5
+    # how long
+    batch: int = 32                         # per worker (the paper's B)
+    steps: int | None = None
+    epochs: float = 15.0
+    # the recipe (PAPER.md): SGD, momentum 0.9, wd 5e-4 on weights, biases at 2x lr
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bias_lr_mult: float = 2.0
+    lr_mult: list[str] = field(default_factory=list)   # "GLOB=MULT" on parameter names
+    schedule: str = "step"
+    lr_drops: tuple[float, ...] = (0.5, 0.75)           # fractions of training
+    lr_drop_factor: float = 0.1
+    lr_scale: str = "none"                  # for a K-times larger batch: none | linear | sqrt
+    seed: int = 0
+    # parallelism
+    workers: int = 1
+    strategy: str = "single"
+    sync: str = "ddp"
+    scheme: str | None = None
+    fc_batch: str = "full"
+    servers: int = 1
+    fetch_every: int = 1
+    push_every: int = 1
+    device: str = "cpu"
+    threads: int | None = None              # CPU threads per worker; None: cores / workers
+    timeout_s: float = 300.0                # every collective fails after this instead of hanging
+    max_restarts: int = 0
+    # bookkeeping
+    out: Path = Path("runs/latest")
+    resume: bool = False
+    eval_every: int = 200
+    eval_views: int = 1
+    log_every: int = 10
+    ckpt_every: int = 200
+    on_nan: str = "stop"                    # stop | skip
+    skip_corrupt: bool = False
+    progress: bool = True
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on the first invalid option; return self for chaining."""
+        from .models import MODELS
+
+        _check(self.model in MODELS, f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        _check(self.batch >= 1, f"--batch must be at least 1 (got {self.batch})")
+        _check(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
+        _check(self.epochs > 0, f"--epochs must be positive (got {self.epochs})")
+        _check(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        _check(self.workers >= 1, f"--workers must be at least 1 (got {self.workers})")
+        _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        _check(self.sync in DATA_PARALLEL_SYNCS, f"unknown --sync {self.sync!r}; choose ddp or sharded")
+        _check(self.lr_scale in LR_SCALES, f"unknown --lr-scale {self.lr_scale!r}; choose none, linear or sqrt")
+        _check(self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        _check(self.device in DEVICES, f"unknown --device {self.device!r}; choose cpu or cuda")
+        _check(self.fc_batch in FC_BATCHES, f"unknown --fc-batch {self.fc_batch!r}; choose full or worker")
+        _check(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}; choose stop or skip")
+        _check(self.eval_views in (1, 10), f"--eval-views must be 1 or 10 (got {self.eval_views})")
+        _check(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
+        _check_data_spec(self.data)
+        for item in self.lr_mult:
+            _check("=" in item and _is_float(item.split("=", 1)[1]), f"--lr-mult expects GLOB=NUMBER (got {item!r})")
+        if self.scheme is not None:
+            _check(self.strategy == "hybrid", f"--scheme {self.scheme} needs --strategy hybrid (got --strategy {self.strategy})")
+            _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b or c")
+        if self.fc_batch == "worker":
+            _check(self.strategy == "hybrid", "--fc-batch worker needs --strategy hybrid")
+        if self.strategy == "single":
+            _check(self.workers == 1, f"--strategy single runs one worker (got --workers {self.workers}); pick data, model, hybrid, hogwild or paramserver")
+        if self.strategy == "hybrid" and self.scheme == "c":
+            _check(self.batch % self.workers == 0, f"--scheme c needs --batch divisible by --workers (got {self.batch} and {self.workers})")
+        if self.strategy == "paramserver":
+            _check(self.servers >= 1, f"--servers must be at least 1 (got {self.servers})")
+            _check(self.fetch_every >= 1 and self.push_every >= 1, "--fetch-every and --push-every must be at least 1")
+        if self.device == "cuda":
+            import torch
+
+            _check(torch.cuda.is_available(), "--device cuda given but no CUDA device is available")
+            if self.strategy not in ("single", "hogwild"):
+                _check(self.workers <= torch.cuda.device_count() or "LOCAL_RANK" in os.environ,
+                       f"--workers {self.workers} exceeds the {torch.cuda.device_count()} GPUs on this machine")
+        if self.resume:
+            _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
+        return self
+
+    @property
+    def data_parallel_degree(self) -> int:
+        """How many workers read different examples (the K in the global batch K*B)."""
+        return 1 if self.strategy in ("single", "model") else self.workers
+
+    @property
+    def process_count(self) -> int:
+        """Processes the launcher starts: workers, plus parameter servers."""
+        return self.workers + (self.servers if self.strategy == "paramserver" else 0)
+
+
+def _check_data_spec(spec: str) -> None:
+    """Cheap checks of --data that must fail before any worker starts."""
+    kind, _, arg = spec.partition(":")
+    _check(kind in ("digits", "synthetic", "imagefolder"),
+           f"unknown --data {spec!r}; use digits, synthetic[:CLASSES] or imagefolder:PATH")
+    if kind == "imagefolder":
+        _check(bool(arg) and Path(arg).is_dir(), f"data path not found: {arg or '(empty)'}")
+    if kind == "synthetic" and arg:
+        _check(arg.isdigit() and int(arg) >= 2, f"--data synthetic:CLASSES needs an integer >= 2 (got {arg!r})")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,138 @@
+"""The paper's hybrid ("one weird trick"): data parallelism in the convolutional trunk,
+model parallelism in the fully-connected head.
+
+Each worker runs the trunk on its own B examples. The last-conv activations reach the
+neuron-sharded head by one of three schemes (PAPER.md, "The hybrid in detail"):
+
+* (a) all-gather: the head runs once on all K*B examples; the activation gradients
+  are reduce-scattered back to their owners.
+* (b) K rounds: in round j worker j's B activations are broadcast and every worker runs
+  its head slice forward and backward on them, while round j+1's broadcast is already in
+  flight; the activation gradient is reduced back to worker j.
+* (c) an all-to-all first gives every worker B/K examples from each worker, then as (b),
+  so every round mixes all workers' examples.
+
+``--fc-batch full`` updates the head once per step from all K*B examples: exactly
+synchronous SGD with batch K*B. ``--fc-batch worker`` (schemes b, c) updates the head
+after every round, K times per step, at the one-worker learning rate, "as though you
+have a small batch size" for ~90% of the weights. The trunk's gradients are then those
+of the mean loss over all K*B examples (each round's activation gradients count 1/K).
+
+Trunk gradients are synchronised with the paper's sharded update (reduce-scatter, owner
+applies SGD, all-gather; :class:`~onetrick.distributed.data_parallel.ShardedDataParallel`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import TrainConfig
+from ..models import TrunkHeadNet
+from ..recipe import lr_scale_factor
+from .data_parallel import ShardedDataParallel
+from .model_parallel import ShardedHeadStrategy
+from .runtime import Runtime
+from .strategy import StepOutput
+from .tensor_parallel import TAG, all_to_all_rows, gather_rows
+
+
+class Hybrid(ShardedHeadStrategy):
+    name = "hybrid"
+
+    def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
+        super().__init__(model, cfg, rt)
+        self.scheme = cfg.scheme or "b"
+        self.per_round = cfg.fc_batch == "worker"
+        # (K*B, B): the head keeps the one-worker rate; the trunk follows --lr-scale.
+        head_lr = cfg.lr if self.per_round else self.base_lr()
+        self.trunk_sync = ShardedDataParallel(self.model, cfg, rt, module=self.model.trunk,
+                                              lr=self.base_lr(), average=self.per_round)
+        self.trunk_sync.comm = self.comm
+        self.head_opt = self.head_optimizer(head_lr)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.trunk_sync.optimizer, self.head_opt]
+
+    # -- one step -------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        self.head_opt.zero_grad(set_to_none=True)
+        feats = self.model.features(images)
+        if self.scheme == "a":
+            loss, errors = self._scheme_a(feats, targets)
+        else:
+            loss, errors = self._rounds(feats, targets)
+        self.nonfinite = not bool(torch.isfinite(torch.tensor(loss)))
+        self.trunk_sync.sync_and_step(skip_update=self.nonfinite)
+        if not self.per_round and not self.nonfinite:
+            self.head_opt.step()
+        return StepOutput(loss=loss, errors=errors, count=len(targets) * self.comm.size)
+
+    def _scheme_a(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        every_target = self._gather_targets(targets).flatten()
+        loss, errors = self.loss_and_errors(self.head(gather_rows(feats, self.comm)), every_target)
+        loss.backward()  # reduce-scatter returns each worker the gradient of its rows
+        return float(loss), int(errors)
+
+    def _rounds(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """Schemes (b) and (c): K rounds, next broadcast in flight during each round."""
+        k, rank = self.comm.size, self.comm.rank
+        own = feats if self.scheme == "b" else all_to_all_rows(feats, self.comm)
+        own_targets = targets if self.scheme == "b" else self._exchange_targets(targets)
+        round_targets = self._gather_targets(own_targets)          # (K, B): round j's labels
+        acts = [own.detach() if j == rank else torch.empty_like(own) for j in range(k)]
+        inflight = {0: self.comm.broadcast(acts[0], src=0, tag=TAG, async_op=True)}
+        grads, reductions = [], []
+        loss_sum, errors = 0.0, 0
+        for j in range(k):
+            if j + 1 < k:  # overlap: round j+1's activations travel while round j computes
+                inflight[j + 1] = self.comm.broadcast(acts[j + 1], src=j + 1, tag=TAG, async_op=True)
+            self.comm.wait(inflight.pop(j))
+            x = acts[j].requires_grad_()
+            loss, errs = self.loss_and_errors(self.head(x), round_targets[j])
+            (loss if self.per_round else loss / k).backward()
+            grads.append(x.grad)
+            reductions.append(self.comm.reduce(x.grad, dst=j, tag=TAG, async_op=True))
+            loss_sum, errors = loss_sum + float(loss), errors + int(errs)
+            if self.per_round:
+                if torch.isfinite(loss):
+                    self.head_opt.step()
+                self.head_opt.zero_grad(set_to_none=True)
+        for work in reductions:
+            self.comm.wait(work)
+        own.backward(grads[rank])  # through the all-to-all (c) and the trunk
+        return loss_sum / k, errors
+
+    def _gather_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        out = targets.new_empty(self.comm.size * targets.numel())
+        self.comm.all_gather(out, targets.contiguous(), tag="labels")
+        return out.view(self.comm.size, -1)
+
+    def _exchange_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(targets)
+        self.comm.all_to_all(out, targets.contiguous(), tag="labels")
+        return out
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation by scheme (a): the same function whatever the training scheme."""
+        every = self.full_logits(self.head(gather_rows(self.model.features(images), self.comm)))
+        return every.view(self.comm.size, len(images), -1)[self.comm.rank]
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        trunk_w = {"trunk." + k: v for k, v in self.model.trunk.state_dict().items()}
+        trunk_m = {"trunk." + k: v for k, v in self.trunk_sync.momentum_state().items()}
+        head_w, head_m = self.head_state(self.head_opt)
+        self.comm.take()
+        return {"model": {**trunk_w, **head_w}, "momentum": {**trunk_m, **head_m}}
+
+    def load_state_dict(self, state: dict) -> None:
+        strip = lambda d: {k[len("trunk."):]: v for k, v in d.items() if k.startswith("trunk.")}  # noqa: E731
+        self.model.trunk.load_state_dict(strip(state["model"]))
+        self.trunk_sync.load_momentum_state(strip(state["momentum"]))
+        self.load_head_state(state["model"], state["momentum"], self.head_opt)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()["model"]
+
+
+__all__ = ["Hybrid", "lr_scale_factor"]

@@ -1,0 +1,137 @@
+"""Model parallelism (PAPER.md form 4): every worker sees the same examples and owns
+1/K of the neurons of every fully-connected layer; workers exchange activations, so
+messages grow with neurons x batch, not with weights.
+
+The trunk is replicated (every worker computes it on the same examples; its gradient
+arrives whole through an all-reduce of the head's partial input gradients), except for
+the two-tower ``alexnet2012`` at K=2, where worker i runs tower i and the towers
+exchange activations only where the 2012 network connects them (conv3 and the FC
+layers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..models import TrunkHeadNet
+from ..recipe import make_sgd, param_groups
+from .runtime import Runtime
+from .strategy import StepOutput, Strategy
+from .tensor_parallel import (ShardedHead, gather_columns, replicated_input, sharded_cross_entropy,
+                              sharded_errors)
+
+
+class ShardedHeadStrategy(Strategy):
+    """Shared by model parallelism and the hybrid: a :class:`ShardedHead` in place of the
+    dense head, and the canonical (dense) state assembled from the shards."""
+
+    def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
+        super().__init__(model, cfg, rt)
+        self.head = ShardedHead(self.model.head, self.comm)
+        self.dense_head_names = [n for n, _ in self.model.head.named_parameters()]
+        self.model.head = self.head  # the dense copy is dropped: only the shard is kept
+        self.head_params = [("head." + self.head.local_to_dense()[n], p) for n, p in self.head.named_parameters()]
+
+    def head_optimizer(self, lr: float) -> torch.optim.SGD:
+        return make_sgd(param_groups(self.head_params, self.cfg, lr), self.cfg)
+
+    def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
+        return gather_columns(local_logits, self.comm, self.head.widths[-1])
+
+    def loss_and_errors(self, local_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = self.head.class_offset
+        loss = sharded_cross_entropy(local_logits, targets, offset, self.comm)
+        return loss, sharded_errors(local_logits.detach(), targets, offset, self.comm)
+
+    # -- canonical state: dense tensors, identical on every worker --------------------
+    def head_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        local_w = {n: p.detach() for n, p in self.head.named_parameters()}
+        local_m = {n: optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
+                   for n, p in self.head.named_parameters()}
+        prefix = lambda d: {"head." + k: v for k, v in d.items()}  # noqa: E731
+        with torch.no_grad():
+            return prefix(self.head.gather_dense(local_w)), prefix(self.head.gather_dense(local_m))
+
+    def load_head_state(self, model: dict, momentum: dict, optimizer: torch.optim.Optimizer) -> None:
+        strip = lambda d: {k[len("head."):]: v for k, v in d.items() if k.startswith("head.")}  # noqa: E731
+        weights, moms = self.head.load_dense(strip(model)), self.head.load_dense(strip(momentum))
+        with torch.no_grad():
+            for name, p in self.head.named_parameters():
+                p.copy_(weights[name])
+                optimizer.state[p]["momentum_buffer"] = moms[name].to(p.device).clone()
+
+
+class ModelParallel(ShardedHeadStrategy):
+    name = "model"
+
+    def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
+        super().__init__(model, cfg, rt)
+        towers = getattr(self.model.trunk, "towers", None)
+        self.tower_parallel = towers is not None and len(towers) == self.comm.size
+        if self.tower_parallel:
+            self.tower = towers[self.comm.rank]
+            trunk_params = [(f"trunk.towers.{self.comm.rank}.{n}", p) for n, p in self.tower.named_parameters()]
+        else:
+            trunk_params = [("trunk." + n, p) for n, p in self.model.trunk.named_parameters()]
+        self.trunk_params = trunk_params
+        lr = self.base_lr()
+        self.optimizer = make_sgd(param_groups(trunk_params + self.head_params, cfg, lr), cfg)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The full last-conv features on every worker, with a backward that sums the
+        head's partial input gradients."""
+        if not self.tower_parallel:
+            return replicated_input(self.model.features(images), self.comm)
+        a = self.tower.stage1(images)
+        n, c, h, w = a.shape
+        a = gather_columns(a.flatten(1), self.comm, [c * h * w] * self.comm.size).view(n, -1, h, w)
+        b = self.tower.stage2(a).flatten(1)
+        return gather_columns(b, self.comm, [b.shape[1]] * self.comm.size)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, errors = self.loss_and_errors(self.head(self.features(images)), targets)
+        loss.backward()
+        self.nonfinite = not bool(torch.isfinite(loss))
+        if not self.nonfinite:
+            self.optimizer.step()
+        return StepOutput(loss=float(loss), errors=int(errors), count=len(targets))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.full_logits(self.head(self.features(images)))
+
+    # -- state ------------------------------------------------------------------------
+    def _trunk_state(self) -> tuple[dict, dict]:
+        weights, moms = {}, {}
+        for name, p in self.model.trunk.named_parameters():
+            key = "trunk." + name
+            weights[key] = p.detach().clone()
+            moms[key] = torch.zeros_like(p)
+        for key, p in self.trunk_params:
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                moms[key] = buf.detach().clone()
+        if self.tower_parallel:  # each tower's owner has the truth: broadcast it
+            for key in weights:
+                owner = int(key.split(".")[2])
+                self.comm.broadcast(weights[key], src=owner, tag="checkpoint")
+                self.comm.broadcast(moms[key], src=owner, tag="checkpoint")
+        return weights, moms
+
+    def state_dict(self) -> dict:
+        trunk_w, trunk_m = self._trunk_state()
+        head_w, head_m = self.head_state(self.optimizer)
+        self.comm.take()
+        return {"model": {**trunk_w, **head_w}, "momentum": {**trunk_m, **head_m}}
+
+    def load_state_dict(self, state: dict) -> None:
+        trunk = {k[len("trunk."):]: v for k, v in state["model"].items() if k.startswith("trunk.")}
+        self.model.trunk.load_state_dict(trunk)
+        for key, p in self.trunk_params:
+            self.optimizer.state[p]["momentum_buffer"] = state["momentum"][key].to(p.device).clone()
+        self.load_head_state(state["model"], state["momentum"], self.optimizer)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()["model"]

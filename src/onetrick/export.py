@@ -1,0 +1,72 @@
+"""Reading a run back: plain state_dict export, offline evaluation, filters for plots."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from . import checkpoint
+from .config import TrainConfig
+
+
+def _latest(run: Path) -> Path:
+    found = checkpoint.candidates(run)
+    if not found:
+        raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_root(run)}")
+    return found[0]
+
+
+def full_state(run: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's model weights, unsharded, whatever strategy wrote them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "state.pt"
+        dcp_to_torch_save(_latest(run), flat)
+        return torch.load(flat, weights_only=True)["model"]
+
+
+def export_run(run: Path, output: Path | None = None) -> Path:
+    """Write ``{param: tensor}`` loadable by ``build_model(...).load_state_dict``."""
+    output = output or Path(run) / "model.pt"
+    torch.save(full_state(run), output)
+    return output
+
+
+def run_config(run: Path) -> TrainConfig:
+    summary = Path(run) / "summary.json"
+    meta = checkpoint.read_meta(_latest(run))
+    if summary.exists():
+        saved = json.loads(summary.read_text())["config"]
+        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        fields["out"] = Path(fields.get("out", run))
+        fields["lr_drops"] = tuple(fields.get("lr_drops", ()))
+        return TrainConfig(**fields)
+    return TrainConfig(model=meta["model"], out=Path(run))
+
+
+def evaluate_run(run: Path, views: int = 1, data: str | None = None) -> dict:
+    """Top-1/top-5 test error of a run's newest checkpoint, in this process."""
+    from .data import build_data
+    from .distributed.runtime import Runtime
+    from .distributed.strategy import SingleStrategy
+    from .evaluate import evaluate
+    from .models import build_model, input_size
+
+    cfg = run_config(run).replace(eval_views=views, workers=1, strategy="single", scheme=None, fc_batch="full")
+    if data:
+        cfg = cfg.replace(data=data)
+    bundle = build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed)
+    model = build_model(cfg.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, dropout=cfg.dropout)
+    model.load_state_dict(full_state(run))
+    strategy = SingleStrategy(model, cfg, Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None))
+    return evaluate(strategy, bundle, cfg)
+
+
+def first_layer_weight(run: Path) -> torch.Tensor:
+    """The first convolution's filters (out, in, kh, kw)."""
+    for name, tensor in full_state(run).items():
+        if tensor.ndim == 4:
+            return tensor
+    raise ValueError(f"no convolution weights in {run}")

@@ -1,0 +1,73 @@
+"""The paper's optimisation recipe: parameter groups, SGD, learning-rate schedules."""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def lr_scale_factor(mode: str, k: int) -> float:
+    """Learning-rate multiplier for a batch K times larger than one worker's."""
+    return {"none": 1.0, "linear": float(k), "sqrt": math.sqrt(k)}[mode]
+
+
+def layer_multiplier(name: str, patterns: Sequence[str]) -> float:
+    """Per-layer multiplier from ``GLOB=MULT`` patterns; the last matching pattern wins."""
+    mult = 1.0
+    for item in patterns:
+        glob, value = item.split("=", 1)
+        if fnmatch.fnmatch(name, glob):
+            mult = float(value)
+    return mult
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], cfg: TrainConfig, lr: float) -> list[dict]:
+    """One SGD group per parameter: weights get ``lr`` and weight decay, biases
+    ``bias_lr_mult * lr`` and none (PAPER.md), both times any ``--lr-mult``.
+
+    Each group keeps ``base_lr`` (its rate before the schedule) and ``name``.
+    """
+    groups = []
+    for name, p in named_params:
+        is_bias = name.endswith("bias")
+        base = lr * layer_multiplier(name, cfg.lr_mult) * (cfg.bias_lr_mult if is_bias else 1.0)
+        groups.append({"params": [p], "name": name, "base_lr": base, "lr": base,
+                       "weight_decay": 0.0 if is_bias else cfg.weight_decay})
+    return groups
+
+
+def make_sgd(groups: list[dict], cfg: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def model_sgd(module: nn.Module, cfg: TrainConfig, lr: float, prefix: str = "") -> torch.optim.SGD:
+    """SGD over a module's parameters with the recipe's groups."""
+    named = ((prefix + n, p) for n, p in module.named_parameters())
+    return make_sgd(param_groups(named, cfg, lr), cfg)
+
+
+def schedule_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Multiplier on every group's ``base_lr`` at ``step`` (0-based) of ``total_steps``.
+
+    step: divide by ``1/lr_drop_factor`` at each fraction in ``lr_drops`` (the paper's stepped
+    schedule); const; linear: decay to 0; exp: decay to ``lr_drop_factor`` at the end.
+    """
+    frac = step / max(1, total_steps)
+    if cfg.schedule == "const":
+        return 1.0
+    if cfg.schedule == "linear":
+        return 1.0 - frac
+    if cfg.schedule == "exp":
+        return cfg.lr_drop_factor ** frac
+    return cfg.lr_drop_factor ** sum(frac >= d for d in cfg.lr_drops)
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor

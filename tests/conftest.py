@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+# Two cores shared by every worker process: one thread each keeps the suite predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)

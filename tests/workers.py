@@ -1,0 +1,104 @@
+"""Worker functions and single-process references shared by the multi-process tests.
+
+Worker functions live here (importable by spawned workers); each runs on every worker
+via ``onetrick.distributed.runtime.launch`` and returns plain tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onetrick.config import TrainConfig
+from onetrick.models import TrunkHeadNet, fc_head
+from onetrick.recipe import model_sgd
+from onetrick.distributed import parallelize
+
+CLASSES = 10
+HIDDEN = (50, 30)   # uneven for K=4: shards 13/13/13/11 and 8/8/8/6; classes 3/3/3/1
+
+
+def tiny_model(hidden=HIDDEN, classes=CLASSES) -> TrunkHeadNet:
+    """Conv trunk + FC head with the paper's shape, small enough for many processes."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    return TrunkHeadNet(trunk, fc_head(8 * 4 * 4, hidden, classes, dropout=0.0))
+
+
+def base_config(**changes) -> TrainConfig:
+    cfg = TrainConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, dropout=0.0, threads=1, timeout_s=60)
+    return cfg.replace(**changes)
+
+
+def global_batches(steps: int, k: int, b: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(k * b, 3, 16, 16, generator=g), torch.randint(0, CLASSES, (k * b,), generator=g))
+            for _ in range(steps)]
+
+
+def run_strategies(rt, cfg, runs: list[dict], steps: int, b: int) -> dict:
+    """For each run (TrainConfig changes), train the tiny model for ``steps`` steps on
+    this worker's rows ``[rank*B, (rank+1)*B)`` of each global batch (all rows for
+    model parallelism, whose workers see the same examples); return per run the
+    dense weights, losses and bytes per step."""
+    results = {}
+    for i, changes in enumerate(runs):
+        run_cfg = cfg.replace(**changes)
+        strategy = parallelize(tiny_model(), run_cfg, rt)
+        own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
+        losses, bytes_ = [], []
+        strategy.comm.take()
+        for x, y in global_batches(steps, rt.world, b):
+            out = strategy.train_step(x[own], y[own])
+            losses.append(out.loss)
+            bytes_.append(strategy.comm.take()["bytes"])
+        results[i] = {"state": strategy.full_state_dict(), "losses": losses, "bytes": bytes_}
+    return results
+
+
+def reference_sgd(cfg: TrainConfig, steps: int, k: int, b: int) -> tuple[dict, list[float]]:
+    """One process, batch K*B: plain PyTorch, what synchronous SGD must equal."""
+    model = tiny_model()
+    opt = model_sgd(model, cfg, cfg.lr)
+    losses = []
+    for x, y in global_batches(steps, k, b):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return model.state_dict(), losses
+
+
+def round_rows(scheme: str, k: int, b: int) -> list[torch.Tensor]:
+    """Rows of the global batch that form round j: worker j's rows (b), or the j-th
+    B/K chunk of every worker's rows (c)."""
+    if scheme == "b":
+        return [torch.arange(j * b, (j + 1) * b) for j in range(k)]
+    c = b // k
+    return [torch.cat([torch.arange(r * b + j * c, r * b + (j + 1) * c) for r in range(k)]) for j in range(k)]
+
+
+def reference_rounds(cfg: TrainConfig, scheme: str, steps: int, k: int, b: int) -> dict:
+    """The hybrid with --fc-batch worker, written sequentially (issue #5): conv forward
+    on all K*B examples; per round FC forward/backward on its B examples, keep the
+    activation gradient, FC update; then conv backward with the collected gradients
+    (each round's counting 1/K: the mean over K*B) and one conv update."""
+    model = tiny_model()
+    trunk_opt = model_sgd(model.trunk, cfg, cfg.lr, prefix="trunk.")
+    head_opt = model_sgd(model.head, cfg, cfg.lr, prefix="head.")
+    for x, y in global_batches(steps, k, b):
+        feats = model.features(x)
+        detached = feats.detach()
+        grad = torch.zeros_like(detached)
+        for rows in round_rows(scheme, k, b):
+            a = detached[rows].clone().requires_grad_()
+            F.cross_entropy(model.head(a), y[rows]).backward()
+            grad[rows] = a.grad / k
+            head_opt.step()
+            head_opt.zero_grad()
+        feats.backward(grad)
+        trunk_opt.step()
+        trunk_opt.zero_grad()
+    return model.state_dict()
