@@ -33,7 +33,7 @@ class TrainConfig:
     # how long
     batch: int = 32                         # per worker (the paper's B)
     steps: int | None = None
-    epochs: float = 15.0
+    epochs: float = 10.0
     # the recipe (PAPER.md): SGD, momentum 0.9, wd 5e-4 on weights, biases at 2x lr
     lr: float = 0.01
     momentum: float = 0.9

@@ -70,7 +70,7 @@ class Hybrid(ShardedHeadStrategy):
         every_target = self._gather_targets(targets).flatten()
         loss, errors = self.loss_and_errors(self.head(gather_rows(feats, self.comm)), every_target)
         loss.backward()  # reduce-scatter returns each worker the gradient of its rows
-        return float(loss), int(errors)
+        return float(loss.detach()), int(errors)
 
     def _rounds(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         """Schemes (b) and (c): K rounds, next broadcast in flight during each round."""
@@ -91,7 +91,7 @@ class Hybrid(ShardedHeadStrategy):
             (loss if self.per_round else loss / k).backward()
             grads.append(x.grad)
             reductions.append(self.comm.reduce(x.grad, dst=j, tag=TAG, async_op=True))
-            loss_sum, errors = loss_sum + float(loss), errors + int(errs)
+            loss_sum, errors = loss_sum + float(loss.detach()), errors + int(errs)
             if self.per_round:
                 if torch.isfinite(loss):
                     self.head_opt.step()

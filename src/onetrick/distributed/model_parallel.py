@@ -96,7 +96,7 @@ class ModelParallel(ShardedHeadStrategy):
         self.nonfinite = not bool(torch.isfinite(loss))
         if not self.nonfinite:
             self.optimizer.step()
-        return StepOutput(loss=float(loss), errors=int(errors), count=len(targets))
+        return StepOutput(loss=float(loss.detach()), errors=int(errors), count=len(targets))
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
