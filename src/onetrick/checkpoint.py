@@ -24,6 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 KEEP = 2
+# What a truncated or corrupt checkpoint raises. DCP's CheckpointException derives from
+# BaseException, so ``except Exception`` alone would let it through.
+UNREADABLE = (Exception, dcp.api.CheckpointException)
 
 
 class CheckpointError(ValueError):
@@ -108,7 +111,7 @@ def load(run_dir: Path, state: dict) -> tuple[int, Path]:
         try:
             dcp.load(state, checkpoint_id=path)
             restore_rng(path / f"rank{_rank():05d}.pt")
-        except Exception as err:  # noqa: BLE001 - any failure means: try the previous one
+        except UNREADABLE as err:  # noqa: BLE001 - any failure means: try the previous one
             ok[0] = 0
             errors.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         if dist.is_initialized():

@@ -13,6 +13,13 @@ from .config import (DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, LR_SCALES, SCHEDU
 D = TrainConfig()
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,7 +121,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onetrick", description=__doc__)
+    parser = OneLineParser(prog="onetrick", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     p = sub.add_parser("eval", help="test error of a run's newest checkpoint")

@@ -99,6 +99,7 @@ class TrainConfig:
             _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b or c")
         if self.fc_batch == "worker":
             _check(self.strategy == "hybrid", "--fc-batch worker needs --strategy hybrid")
+            _check(self.scheme != "a", "--fc-batch worker needs --scheme b or c: scheme a runs the FC layers once on all K*B examples")
         if self.strategy == "single":
             _check(self.workers == 1, f"--strategy single runs one worker (got --workers {self.workers}); pick data, model, hybrid, hogwild or paramserver")
         if self.strategy == "hybrid" and self.scheme == "c":

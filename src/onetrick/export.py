@@ -9,6 +9,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from . import checkpoint
+from .checkpoint import UNREADABLE
 from .config import TrainConfig
 
 
@@ -20,11 +21,18 @@ def _latest(run: Path) -> Path:
 
 
 def full_state(run: Path) -> dict[str, torch.Tensor]:
-    """The newest checkpoint's model weights, unsharded, whatever strategy wrote them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        flat = Path(tmp) / "state.pt"
-        dcp_to_torch_save(_latest(run), flat)
-        return torch.load(flat, weights_only=True)["model"]
+    """The newest readable checkpoint's model weights, unsharded, whatever strategy and
+    worker count wrote them (a truncated checkpoint is skipped for the previous one)."""
+    errors = []
+    for path in checkpoint.candidates(run):
+        with tempfile.TemporaryDirectory() as tmp:
+            flat = Path(tmp) / "state.pt"
+            try:
+                dcp_to_torch_save(path, flat)
+                return torch.load(flat, weights_only=True)["model"]
+            except UNREADABLE as err:  # noqa: BLE001 - unreadable: fall back to the previous one
+                errors.append(f"{path.name}: {type(err).__name__}")
+    raise checkpoint.CheckpointError(f"no readable checkpoint in {checkpoint.checkpoint_root(run)} ({'; '.join(errors) or 'none found'})")
 
 
 def export_run(run: Path, output: Path | None = None) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -84,6 +86,16 @@ def train_batches(data: DataBundle, cfg: TrainConfig, strategy: Strategy, start_
         epoch, skip = epoch + 1, 0
 
 
+def _maybe_crash(step: int, rank: int) -> None:
+    """Testing hook: ONETRICK_CRASH_AT=STEP[:RANK] SIGKILLs this worker after that step,
+    as a power cut would (no cleanup, no checkpoint)."""
+    spec = os.environ.get("ONETRICK_CRASH_AT")
+    if spec:
+        at, _, who = spec.partition(":")
+        if step == int(at) and rank == int(who or 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def layer_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """cuda-convnet2's per-layer log: |w| (RMS) and |dw|/|w| for the last update."""
     out = {}
@@ -146,6 +158,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         if strategy.nonfinite and cfg.on_nan == "stop":
             raise NonFiniteLoss(f"non-finite loss at step {step}; weights left at the last checkpoint in {cfg.out}")
         step += 1
+        _maybe_crash(step, rt.rank)
         bar.update(1)
         interval_images += out.count
         comm = strategy.comm.take()

@@ -1,0 +1,117 @@
+"""The training loop as a user runs it: accuracy, run directory, resume, bad input."""
+import json
+
+import pytest
+import torch
+
+from cli_helpers import FAST, exported_weights, onetrick
+
+SHORT = ["--steps", "12", "--ckpt-every", "4", "--eval-every", "6", "--log-every", "2", "--batch", "16", *FAST]
+
+
+@pytest.mark.timeout(300)
+def test_default_network_reaches_real_accuracy(tmp_path):
+    """smallnet on the bundled digits, 3 epochs: far above the 10% of chance."""
+    result = onetrick("train", "--epochs", "3", "--out", tmp_path, *FAST)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["top1_error"] < 0.10, summary
+    assert "accuracy" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"step", "epoch", "loss", "lr", "images_per_s", "layers"} <= train[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert any(r["kind"] == "test" for r in records)
+    assert "trunk.conv1.weight" in train[0]["layers"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path):
+    """SIGKILL after step 6 (last checkpoint at 4), resume: identical to an uninterrupted run."""
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert onetrick("train", "--out", whole, *SHORT).returncode == 0
+    died = onetrick("train", "--out", crashed, *SHORT, env={"ONETRICK_CRASH_AT": "6"})
+    assert died.returncode != 0
+    assert json.loads((crashed / "checkpoints" / "step_00000004" / "meta.json").read_text())["step"] == 4
+    resumed = onetrick("train", "--out", crashed, "--resume", *SHORT)
+    assert resumed.returncode == 0, resumed.stderr
+    want, got = exported_weights(whole), exported_weights(crashed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    assert onetrick("train", "--out", tmp_path, *SHORT).returncode == 0
+    newest = sorted((tmp_path / "checkpoints").glob("step_*"))[-1]
+    for f in newest.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    result = onetrick("eval", tmp_path)
+    assert result.returncode == 0, result.stderr
+    resumed = onetrick("train", "--out", tmp_path, "--resume", *SHORT[:1], "16", *SHORT[2:])
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.timeout(300)
+def test_eval_export_and_plot_read_a_run(tmp_path):
+    run = tmp_path / "run"
+    assert onetrick("train", "--out", run, *SHORT).returncode == 0
+    result = onetrick("eval", run, "--views", "10")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["test_examples"] == 360
+    assert onetrick("export", run, "-o", tmp_path / "model.pt").returncode == 0
+    from onetrick.models import build_model
+
+    model = build_model("smallnet", num_classes=10, in_channels=1)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert onetrick("plot", run, "-o", tmp_path / "plots").returncode == 0
+    assert (tmp_path / "plots" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "filters.png").stat().st_size > 1000
+
+
+BAD_INPUT = [
+    (["--model", "vgg"], "unknown model 'vgg'"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--data", "imagefolder:/no/such/dir"], "data path not found: /no/such/dir"),
+    (["--data", "cifar"], "unknown --data 'cifar'"),
+    (["--data", "synthetic:x"], "synthetic:CLASSES needs an integer"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "2", "--strategy", "single"], "--strategy single runs one worker"),
+    (["--workers", "2", "--scheme", "b"], "--scheme b needs --strategy hybrid"),
+    (["--fc-batch", "worker"], "--fc-batch worker needs --strategy hybrid"),
+    (["--workers", "3", "--strategy", "hybrid", "--scheme", "c", "--batch", "16"], "--scheme c needs --batch divisible by --workers"),
+    (["--workers", "2", "--strategy", "hybrid", "--scheme", "a", "--fc-batch", "worker"], "--fc-batch worker needs --scheme b or c"),
+    (["--strategy", "nope"], "invalid choice: 'nope'"),
+    (["--device", "cuda"], "no CUDA device is available"),
+    (["--resume", "--out", "/no/such/run"], "does not exist"),
+    (["--lr-mult", "head.*"], "--lr-mult expects GLOB=NUMBER"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--servers", "0", "--strategy", "paramserver", "--workers", "2"], "--servers must be at least 1"),
+    (["--workers", "2", "--strategy", "model", "--model", "smallnet", "--data", "synthetic:1"], "synthetic:CLASSES needs an integer >= 2"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_before_any_worker(args, message, capsys, monkeypatch):
+    """The command's own entry point, in this process: nothing may be launched."""
+    from onetrick import cli
+    from onetrick.distributed import runtime
+
+    monkeypatch.setattr(runtime, "launch", lambda *a, **k: pytest.fail("a worker was launched"))
+    try:
+        code = cli.main(["train", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_model_is_rejected(tmp_path):
+    assert onetrick("train", "--out", tmp_path, *SHORT).returncode == 0
+    result = onetrick("train", "--out", tmp_path, "--resume", "--model", "alexnet")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"onetrick: error: --resume: checkpoint in {tmp_path} is of model 'smallnet', not 'alexnet'"
