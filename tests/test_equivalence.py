@@ -47,3 +47,46 @@ def test_hybrid_fc_batch_worker_equals_sequential_rounds(runs):
         want = reference_rounds(base_config(), changes["scheme"], STEPS, k, B)
         for rank in results:
             assert_same_weights(results[rank][len(EXACT_SGD) + j]["state"], want, f"{changes} K={k} rank {rank}")
+
+
+# -- bytes: what each worker sends per step equals the analytic expectation ------------
+def _padded(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def expected_bytes(changes: dict, k: int, b: int) -> dict[str, float]:
+    """Bytes per worker per step (fp32) from the model's sizes alone (comm.py's table)."""
+    from workers import CLASSES, HIDDEN, tiny_model
+
+    model = tiny_model()
+    conv = sum(p.numel() for p in model.trunk.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    feat = model.head[0].in_features
+    frac = (k - 1) / k
+
+    def head(n: int) -> float:  # per FC forward+backward on n examples
+        gathers = sum(2 * frac * k * n * -(-h // k) * 4 for h in HIDDEN)   # all-gather + reduce-scatter
+        loss = 2 * frac * 3 * n * 4                                        # row max, row sum, target logit
+        return gathers + loss
+
+    strategy, scheme = changes["strategy"], changes.get("scheme")
+    if strategy == "data":
+        n = total if changes["sync"] == "ddp" else _padded(total, k)
+        return {"weights": 2 * frac * n * 4}
+    if strategy == "model":
+        return {"activations": 2 * frac * k * b * feat * 4, "fc_activations": head(k * b)}
+    weights = 2 * frac * _padded(conv, k) * 4
+    if scheme == "a":
+        return {"weights": weights, "activations": 2 * frac * k * b * feat * 4, "fc_activations": head(k * b)}
+    rounds = k * 2 * frac * b * feat * 4                                   # broadcast + reduce per round
+    exchange = 2 * frac * b * feat * 4 if scheme == "c" else 0             # all-to-all there and back
+    return {"weights": weights, "activations": rounds + exchange, "fc_activations": k * head(b)}
+
+
+def test_bytes_per_step_match_the_analytic_expectation(runs):
+    k, results = runs
+    for i, changes in enumerate(EXACT_SGD + PER_ROUND):
+        want = expected_bytes(changes, k, B)
+        for step_bytes in results[0][i]["bytes"]:
+            got = {tag: n for tag, n in step_bytes.items() if tag in want}
+            assert got == pytest.approx(want, abs=16), f"{changes} K={k}"

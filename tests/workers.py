@@ -67,7 +67,7 @@ def reference_sgd(cfg: TrainConfig, steps: int, k: int, b: int) -> tuple[dict, l
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return model.state_dict(), losses
 
 
@@ -102,3 +102,65 @@ def reference_rounds(cfg: TrainConfig, scheme: str, steps: int, k: int, b: int) 
         trunk_opt.step()
         trunk_opt.zero_grad()
     return model.state_dict()
+
+
+def sharded_loss_and_grads(rt, cfg, classes: int, n: int) -> dict:
+    """Cross-entropy on class-sharded logits: loss and this worker's logit gradients."""
+    from onetrick.distributed.comm import Comm
+    from onetrick.distributed.tensor_parallel import shard_range, sharded_cross_entropy
+
+    comm = Comm()
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, classes, generator=g) * 4
+    targets = torch.randint(0, classes, (n,), generator=g)
+    start, end = shard_range(classes, comm.size, comm.rank)
+    local = logits[:, start:end].clone().requires_grad_()
+    loss = sharded_cross_entropy(local, targets, start, comm)
+    loss.backward()
+    return {"loss": loss.detach(), "grad": local.grad, "range": (start, end), "bytes": comm.take()["bytes"]}
+
+
+def two_tower_steps(rt, cfg, steps: int, b: int) -> dict:
+    """alexnet2012 (10 classes, no dropout) under the configured strategy, same batches everywhere."""
+    from onetrick.models import build_model
+
+    torch.manual_seed(0)
+    strategy = parallelize(build_model("alexnet2012", num_classes=10, dropout=0.0), cfg, rt)
+    strategy.comm.take()
+    sent = []
+    for x, y in two_tower_batches(steps, b):
+        strategy.train_step(x, y)
+        sent.append(strategy.comm.take()["bytes"])
+    return {"state": strategy.full_state_dict(), "bytes": sent,
+            "tower_parallel": getattr(strategy, "tower_parallel", False)}
+
+
+def two_tower_batches(steps: int, b: int):
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(b, 3, 224, 224, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(steps)]
+
+
+def one_step_bytes(rt, cfg, model_name: str, b: int, image: int) -> dict:
+    """Bytes one worker sends in one training step of a real model (synthetic images)."""
+    from onetrick.models import build_model
+
+    torch.manual_seed(0)
+    strategy = parallelize(build_model(model_name, num_classes=1000, dropout=0.0), cfg, rt)
+    g = torch.Generator().manual_seed(rt.rank)
+    strategy.comm.take()
+    strategy.train_step(torch.randn(b, 3, image, image, generator=g), torch.randint(0, 1000, (b,), generator=g))
+    return strategy.comm.take()["bytes"]
+
+
+def hang_or_die(rt, cfg, mode: str) -> None:
+    """Worker 1 hangs (or dies); worker 0 waits for it in a collective."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    if rt.rank == 1:
+        if mode == "die":
+            os._exit(3)
+        time.sleep(600)
+    dist.all_reduce(torch.ones(1))

@@ -37,7 +37,7 @@ class ShardedHeadStrategy(Strategy):
         return make_sgd(param_groups(self.head_params, self.cfg, lr), self.cfg)
 
     def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
-        return gather_columns(local_logits, self.comm, self.head.widths[-1])
+        return gather_columns(local_logits, self.comm, self.head.widths[-1], "eval")
 
     def loss_and_errors(self, local_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offset = self.head.class_offset

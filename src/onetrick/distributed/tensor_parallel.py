@@ -19,7 +19,8 @@ from torch.autograd import Function
 
 from .comm import Comm
 
-TAG = "activations"
+TAG = "activations"          # last-conv activations (and their gradients) between workers
+HEAD_TAG = "fc_activations"  # activations exchanged inside the sharded FC head, and the loss
 
 
 def shard_sizes(n: int, k: int) -> list[int]:
@@ -39,12 +40,12 @@ class _GatherColumns(Function):
     partial gradients every worker's next layer produced, each worker keeps its columns)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, widths: list[int]) -> torch.Tensor:
-        ctx.comm, ctx.widths = comm, widths
+    def forward(ctx, x: torch.Tensor, comm: Comm, widths: list[int], tag: str) -> torch.Tensor:
+        ctx.comm, ctx.widths, ctx.tag = comm, widths, tag
         n, wmax = x.shape[0], max(widths)
         padded = F.pad(x, (0, wmax - x.shape[1])).contiguous()
         out = x.new_empty(comm.size * n * wmax)
-        comm.all_gather(out, padded.flatten(), tag=TAG)
+        comm.all_gather(out, padded.flatten(), tag=tag)
         parts = out.view(comm.size, n, wmax)
         return torch.cat([parts[r, :, :w] for r, w in enumerate(widths)], dim=1)
 
@@ -55,8 +56,8 @@ class _GatherColumns(Function):
         pieces = [F.pad(g, (0, wmax - g.shape[1])) for g in grad.split(widths, dim=1)]
         stacked = torch.stack(pieces).contiguous()
         out = grad.new_empty(n * wmax)
-        comm.reduce_scatter(out, stacked.flatten(), tag=TAG)
-        return out.view(n, wmax)[:, :widths[comm.rank]], None, None
+        comm.reduce_scatter(out, stacked.flatten(), tag=ctx.tag)
+        return out.view(n, wmax)[:, :widths[comm.rank]], None, None, None
 
 
 class _GatherRows(Function):
@@ -111,8 +112,8 @@ class _AllToAllRows(Function):
         return out, None
 
 
-def gather_columns(x: torch.Tensor, comm: Comm, widths: list[int]) -> torch.Tensor:
-    return _GatherColumns.apply(x, comm, widths)
+def gather_columns(x: torch.Tensor, comm: Comm, widths: list[int], tag: str = TAG) -> torch.Tensor:
+    return _GatherColumns.apply(x, comm, widths, tag)
 
 
 def gather_rows(x: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -164,7 +165,7 @@ class ShardedHead(nn.Module):
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
                 if linear_seen:
-                    x = gather_columns(x, self.comm, self.widths[linear_seen - 1])
+                    x = gather_columns(x, self.comm, self.widths[linear_seen - 1], HEAD_TAG)
                 linear_seen += 1
             x = layer(x)
         return x
@@ -193,7 +194,7 @@ class ShardedHead(nn.Module):
             for p in ("weight", "bias"):
                 local = tensors[f"layers.{idx}.{p}"]
                 rows = local.reshape(local.shape[0], -1)
-                full = gather_columns(rows.t().contiguous(), self.comm, widths).t()
+                full = gather_columns(rows.t().contiguous(), self.comm, widths, "checkpoint").t()
                 out[self.local_to_dense()[f"layers.{idx}.{p}"]] = full.reshape((-1,) + tuple(local.shape[1:])).clone()
         return out
 
@@ -219,7 +220,7 @@ class _ShardedCrossEntropy(Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
         logits = logits.float()
         row_max = logits.max(dim=1).values
-        comm.all_reduce(row_max, tag=TAG, op=dist.ReduceOp.MAX)
+        comm.all_reduce(row_max, tag=HEAD_TAG, op=dist.ReduceOp.MAX)
         exp = (logits - row_max[:, None]).exp()
         row_sum = exp.sum(dim=1)
         local_t = targets - offset
@@ -227,7 +228,7 @@ class _ShardedCrossEntropy(Function):
         idx = local_t.clamp(0, logits.shape[1] - 1)
         target_logit = torch.where(mine, logits.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(row_max))
         reduced = torch.stack([row_sum, target_logit])
-        comm.all_reduce(reduced, tag=TAG)
+        comm.all_reduce(reduced, tag=HEAD_TAG)
         row_sum, target_logit = reduced
         loss = (row_sum.log() + row_max - target_logit).mean()
         ctx.save_for_backward(exp / row_sum[:, None], mine, idx)
