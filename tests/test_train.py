@@ -115,3 +115,18 @@ def test_resume_with_another_model_is_rejected(tmp_path):
     result = onetrick("train", "--out", tmp_path, "--resume", "--model", "alexnet")
     assert result.returncode == 2
     assert result.stderr.strip() == f"onetrick: error: --resume: checkpoint in {tmp_path} is of model 'smallnet', not 'alexnet'"
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("strategy", [["--strategy", "data"], ["--strategy", "model"],
+                                      ["--strategy", "hybrid", "--scheme", "b", "--fc-batch", "worker"]],
+                         ids=["data", "model", "hybrid-b-worker"])
+def test_two_workers_train_the_default_network(tmp_path, strategy):
+    """K=2 from the command line, 3 epochs of the bundled digits: real accuracy."""
+    batch = "32" if strategy[1] == "model" else "16"   # model parallel: both workers see the batch
+    result = onetrick("train", "--workers", "2", *strategy, "--epochs", "3", "--batch", batch,
+                      "--out", tmp_path, *FAST, timeout=380)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["top1_error"] < 0.10, summary["top1_error"]
+    assert summary["bytes_per_step_total"] > 0
