@@ -42,6 +42,10 @@ def train(cfg: TrainConfig) -> dict:
         from .distributed.hogwild import train_hogwild
 
         return train_hogwild(cfg)
+    if cfg.strategy == "paramserver":
+        from .distributed.paramserver import train_paramserver
+
+        return train_paramserver(cfg)
     results = launch(train_worker, cfg)
     return results[min(results)] if 0 not in results else results[0]
 
@@ -86,11 +90,16 @@ def train_batches(data: DataBundle, cfg: TrainConfig, strategy: Strategy, start_
         epoch, skip = epoch + 1, 0
 
 
+def restart_count() -> int:
+    """How many times torch elastic has restarted this job (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _maybe_crash(step: int, rank: int) -> None:
-    """Testing hook: ONETRICK_CRASH_AT=STEP[:RANK] SIGKILLs this worker after that step,
-    as a power cut would (no cleanup, no checkpoint)."""
+    """Testing hook: ONETRICK_CRASH_AT=STEP[:RANK] SIGKILLs this worker after that step
+    of the first attempt, as a power cut would (no cleanup, no checkpoint)."""
     spec = os.environ.get("ONETRICK_CRASH_AT")
-    if spec:
+    if spec and restart_count() == 0:
         at, _, who = spec.partition(":")
         if step == int(at) and rank == int(who or 0):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -133,13 +142,17 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
     data, strategy = setup(rt, cfg)
     total = total_steps(data, cfg)
     step = 0
-    if cfg.resume:
+    # After a crash, torch elastic restarts every worker (--max-restarts): pick up the
+    # newest checkpoint, so at most the steps since it are lost.
+    restarted = restart_count() > 0 and checkpoint.latest_meta(cfg.out) is not None
+    resuming = cfg.resume or restarted
+    if resuming:
         state = strategy.state_dict()
         step, _ = checkpoint.load(cfg.out, state)  # fills `state` in place, restores RNG
         strategy.load_state_dict(state)
     else:
         torch.manual_seed(cfg.seed * 1000 + strategy.data_rank + 1)  # augmentation/dropout stream per data shard
-    log = RunLog(cfg.out, rt.is_main, cfg.resume)
+    log = RunLog(cfg.out, rt.is_main, resuming)
     meta = {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes}
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rt.is_main), desc="train", unit="step",
                mininterval=1.0, dynamic_ncols=True)

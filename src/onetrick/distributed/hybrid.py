@@ -132,7 +132,8 @@ class Hybrid(ShardedHeadStrategy):
         self.load_head_state(state["model"], state["momentum"], self.head_opt)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()["model"]
+        trunk = {"trunk." + k: v.detach().clone() for k, v in self.model.trunk.state_dict().items()}
+        return {**trunk, **self.dense_head_state()}
 
 
 __all__ = ["Hybrid", "lr_scale_factor"]

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
 from ..recipe import make_sgd, param_groups
 from .runtime import Runtime
 from .strategy import StepOutput, Strategy
-from .tensor_parallel import (ShardedHead, gather_columns, replicated_input, sharded_cross_entropy,
+from .tensor_parallel import (ShardedHead, gather_columns, replicated_input, shard_range, sharded_cross_entropy,
                               sharded_errors)
 
 
@@ -29,7 +30,6 @@ class ShardedHeadStrategy(Strategy):
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
         super().__init__(model, cfg, rt)
         self.head = ShardedHead(self.model.head, self.comm)
-        self.dense_head_names = [n for n, _ in self.model.head.named_parameters()]
         self.model.head = self.head  # the dense copy is dropped: only the shard is kept
         self.head_params = [("head." + self.head.local_to_dense()[n], p) for n, p in self.head.named_parameters()]
 
@@ -44,22 +44,48 @@ class ShardedHeadStrategy(Strategy):
         loss = sharded_cross_entropy(local_logits, targets, offset, self.comm)
         return loss, sharded_errors(local_logits.detach(), targets, offset, self.comm)
 
-    # -- canonical state: dense tensors, identical on every worker --------------------
+    # -- state ------------------------------------------------------------------------
     def head_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        local_w = {n: p.detach() for n, p in self.head.named_parameters()}
-        local_m = {n: optimizer.state.get(p, {}).get("momentum_buffer", torch.zeros_like(p))
-                   for n, p in self.head.named_parameters()}
-        prefix = lambda d: {"head." + k: v for k, v in d.items()}  # noqa: E731
+        """Head weights and momentum as DTensors sharded by neurons (``Shard(0)``): each
+        worker writes only its own shard to the checkpoint, and DCP reshards on load."""
+        weights, moms = {}, {}
+        for name, p in self.head.named_parameters():
+            key = "head." + self.head.local_to_dense()[name]
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            weights[key] = self._as_dtensor(p.detach(), name)
+            moms[key] = self._as_dtensor(buf.detach() if buf is not None else torch.zeros_like(p), name)
+        return weights, moms
+
+    def _as_dtensor(self, local: torch.Tensor, name: str) -> DTensor:
+        rows = sum(self.head.widths[self._linear_index(name)])
+        shape = (rows,) + tuple(local.shape[1:])
+        return DTensor.from_local(local, self.rt.mesh, [Shard(0)], run_check=False,
+                                  shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+
+    def _linear_index(self, local_name: str) -> int:
+        idx = int(local_name.split(".")[1])
+        return sum(isinstance(m, nn.Linear) for m in self.head.layers[:idx])
+
+    def dense_head_state(self) -> dict[str, torch.Tensor]:
+        """Head weights gathered into dense tensors on every worker."""
+        local = {n: p.detach() for n, p in self.head.named_parameters()}
         with torch.no_grad():
-            return prefix(self.head.gather_dense(local_w)), prefix(self.head.gather_dense(local_m))
+            return {"head." + k: v for k, v in self.head.gather_dense(local).items()}
 
     def load_head_state(self, model: dict, momentum: dict, optimizer: torch.optim.Optimizer) -> None:
-        strip = lambda d: {k[len("head."):]: v for k, v in d.items() if k.startswith("head.")}  # noqa: E731
-        weights, moms = self.head.load_dense(strip(model)), self.head.load_dense(strip(momentum))
+        """Accepts this worker's DTensor shards (what DCP loads into) or dense tensors."""
+        dense_names = self.head.local_to_dense()
         with torch.no_grad():
             for name, p in self.head.named_parameters():
-                p.copy_(weights[name])
-                optimizer.state[p]["momentum_buffer"] = moms[name].to(p.device).clone()
+                key = "head." + dense_names[name]
+                p.copy_(self._local_part(model[key]))
+                optimizer.state[p]["momentum_buffer"] = self._local_part(momentum[key]).to(p.device).clone()
+
+    def _local_part(self, value: torch.Tensor) -> torch.Tensor:
+        if isinstance(value, DTensor):
+            return value.to_local()
+        start, end = shard_range(value.shape[0], self.comm.size, self.comm.rank)
+        return value[start:end]
 
 
 class ModelParallel(ShardedHeadStrategy):
@@ -134,4 +160,5 @@ class ModelParallel(ShardedHeadStrategy):
         self.load_head_state(state["model"], state["momentum"], self.optimizer)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()["model"]
+        trunk_w, _ = self._trunk_state()
+        return {**trunk_w, **self.dense_head_state()}

@@ -68,11 +68,26 @@ def init_worker(cfg: TrainConfig) -> Runtime:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.timeout_s)
     if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     else:  # one worker started by hand: a private store, no ports
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("workers",))
     return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, mesh=mesh)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The job's TCPStore, namespaced by restart attempt.
+
+    After a torch elastic restart (``--max-restarts``) the rendezvous store still holds
+    the previous attempt's gloo addresses; without a fresh namespace a restarted worker
+    may read them and connect to a dead peer ("Connection refused") instead of its new one.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_hosts_it, timeout=timeout,
+                          multi_tenant=not agent_hosts_it)
+    return dist.PrefixStore(f"onetrick/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @record

@@ -198,17 +198,6 @@ class ShardedHead(nn.Module):
                 out[self.local_to_dense()[f"layers.{idx}.{p}"]] = full.reshape((-1,) + tuple(local.shape[1:])).clone()
         return out
 
-    def load_dense(self, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Slice dense-head tensors to this worker's shard, keyed by local name."""
-        out = {}
-        for local_name, dense_name in self.local_to_dense().items():
-            idx = int(local_name.split(".")[1])
-            n = dense[dense_name].shape[0]
-            start, end = shard_range(n, self.comm.size, self.comm.rank)
-            out[local_name] = dense[dense_name][start:end]
-            assert out[local_name].shape[0] == self.layers[idx].weight.shape[0]
-        return out
-
 
 # -- cross-entropy on class-sharded logits --------------------------------------------
 class _ShardedCrossEntropy(Function):
