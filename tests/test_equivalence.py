@@ -56,7 +56,7 @@ def _padded(n: int, k: int) -> int:
 
 def expected_bytes(changes: dict, k: int, b: int) -> dict[str, float]:
     """Bytes per worker per step (fp32) from the model's sizes alone (comm.py's table)."""
-    from workers import CLASSES, HIDDEN, tiny_model
+    from workers import HIDDEN, tiny_model
 
     model = tiny_model()
     conv = sum(p.numel() for p in model.trunk.parameters())

@@ -119,3 +119,30 @@ class Comm:
     def barrier(self) -> None:
         with self.waiting():
             dist.barrier(group=self.group)
+
+    # -- point-to-point (peers are ranks within this Comm's group; ``channel`` is torch's
+    #    integer message tag, which keeps message kinds apart between the same two ranks) --
+    def send(self, t: torch.Tensor, dst: int, tag: str, channel: int = 0) -> None:
+        """Blocking send of ``t`` to ``dst``: n bytes."""
+        self.record(tag, "send", _nbytes(t))
+        with self.waiting():
+            dist.send(t, group=self.group, group_dst=dst, tag=channel)
+
+    def isend(self, t: torch.Tensor, dst: int, tag: str, channel: int = 0):
+        """Asynchronous send; keep ``t`` alive and unchanged until the returned Work is waited on."""
+        self.record(tag, "send", _nbytes(t))
+        return dist.isend(t, group=self.group, group_dst=dst, tag=channel)
+
+    def recv(self, t: torch.Tensor, src: int | None, tag: str, channel: int = 0) -> int:
+        """Blocking receive into ``t`` from ``src`` (``None``: whichever rank sends first).
+
+        Returns the sender's rank. Receiving sends nothing: a call is counted, no bytes."""
+        self.record(tag, "recv", 0)
+        with self.waiting():
+            sender = dist.recv(t, group=self.group, group_src=src, tag=channel)
+        return dist.get_group_rank(self.group, sender) if self.group is not None else sender
+
+    def irecv(self, t: torch.Tensor, src: int, tag: str, channel: int = 0):
+        """Asynchronous receive into ``t`` from ``src``; returns the Work handle."""
+        self.record(tag, "recv", 0)
+        return dist.irecv(t, group=self.group, group_src=src, tag=channel)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -27,35 +26,24 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
-from ..recipe import make_sgd, model_sgd, param_groups
-from .comm import Comm
+from ..recipe import make_sgd, param_groups
 from .runtime import Runtime
-from .strategy import Strategy, StepOutput
+from .strategy import SingleStrategy, StepOutput, Strategy
 
 BUCKET_BYTES = 25 * 2**20
 
 
-class DDPStrategy(Strategy):
-    """Data parallelism through DistributedDataParallel."""
+class DDPStrategy(SingleStrategy):
+    """Data parallelism through DistributedDataParallel: the one-worker step, with the
+    forward pass through DDP so the backward pass all-reduces (averages) gradients."""
 
     name = "data/ddp"
 
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
         super().__init__(model, cfg, rt)
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.ddp.register_comm_hook(self.comm, _counting_allreduce_hook)
-        self.optimizer = model_sgd(self.model, cfg, self.base_lr())
-
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.ddp(images)
-        loss = F.cross_entropy(logits, targets)
-        loss.backward()
-        out = self.global_stats(loss * len(targets), logits, targets)
-        if not self.nonfinite:
-            self.optimizer.step()
-        return out
+        self.net = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.net.register_comm_hook(self.comm, _counting_allreduce_hook)
 
 
 def _counting_allreduce_hook(comm, bucket):  # no annotations: DDP checks them against real types

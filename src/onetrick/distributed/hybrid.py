@@ -27,7 +27,6 @@ import torch
 
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
-from ..recipe import lr_scale_factor
 from .data_parallel import ShardedDataParallel
 from .model_parallel import ShardedHeadStrategy
 from .runtime import Runtime
@@ -135,5 +134,3 @@ class Hybrid(ShardedHeadStrategy):
         trunk = {"trunk." + k: v.detach().clone() for k, v in self.model.trunk.state_dict().items()}
         return {**trunk, **self.dense_head_state()}
 
-
-__all__ = ["Hybrid", "lr_scale_factor"]

@@ -98,10 +98,11 @@ class SingleStrategy(Strategy):
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
         super().__init__(model, cfg, rt)
         self.optimizer = model_sgd(self.model, cfg, self.base_lr())
+        self.net: torch.nn.Module = self.model   # what the forward pass calls (DDP wraps it)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(images)
+        logits = self.net(images)
         loss = F.cross_entropy(logits, targets)
         loss.backward()
         out = self.global_stats(loss * len(targets), logits, targets)
