@@ -129,4 +129,5 @@ def test_two_workers_train_the_default_network(tmp_path, strategy):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["top1_error"] < 0.10, summary["top1_error"]
+    assert summary["test_examples"] == 360  # the whole test set, each example once
     assert summary["bytes_per_step_total"] > 0

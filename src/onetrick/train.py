@@ -201,6 +201,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
     steps_run = max(1, totals["steps"])
     summary = {
         "top1_error": test.get("top1_error"), "top5_error": test.get("top5_error"),
+        "test_examples": test.get("test_examples"),
         "steps": step, "wall_s": wall, "images_per_s": totals["images"] / wall if wall else 0.0,
         "bytes_per_step": {tag: n / steps_run for tag, n in totals["bytes"].items()},
         "bytes_per_step_total": sum(totals["bytes"].values()) / steps_run,
