@@ -116,6 +116,32 @@ def layer_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict
     return out
 
 
+def weights_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+class Totals:
+    """Running sums over the steps this process ran, for summary.json."""
+
+    def __init__(self) -> None:
+        self.steps, self.images, self.comm_wait_s = 0, 0, 0.0
+        self.bytes: dict[str, int] = {}
+
+    def add(self, images: int, comm: dict) -> None:
+        self.steps += 1
+        self.images += images
+        self.comm_wait_s += comm["comm_wait_s"]
+        for tag, n in comm["bytes"].items():
+            self.bytes[tag] = self.bytes.get(tag, 0) + n
+
+    def summary(self, wall: float) -> dict:
+        steps = max(1, self.steps)
+        return {"wall_s": wall, "images_per_s": self.images / wall if wall else 0.0,
+                "bytes_per_step": {tag: n / steps for tag, n in self.bytes.items()},
+                "bytes_per_step_total": sum(self.bytes.values()) / steps,
+                "comm_wait_fraction": self.comm_wait_s / wall if wall else 0.0}
+
+
 class RunLog:
     """metrics.jsonl and summary.json in the run directory (worker 0 only)."""
 
@@ -155,16 +181,16 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
     meta = {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes}
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rt.is_main), desc="train", unit="step",
                mininterval=1.0, dynamic_ncols=True)
-    totals = {"images": 0, "bytes": {}, "comm_wait_s": 0.0, "steps": 0}
+    totals = Totals()
     start_time = interval_start = time.perf_counter()
     interval_images = 0
     test = {}
     batches = train_batches(data, cfg, strategy, step)
     strategy.set_training(True)
     while step < total:
-        epoch, images, targets = next(batches)
+        _, images, targets = next(batches)
         logging_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-        before = {n: p.detach().float().clone() for n, p in strategy.model.named_parameters()} if logging_now and rt.is_main else {}
+        before = weights_copy(strategy.model) if logging_now and rt.is_main else {}
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
         if strategy.nonfinite and cfg.on_nan == "stop":
@@ -174,11 +200,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         bar.update(1)
         interval_images += out.count
         comm = strategy.comm.take()
-        totals["steps"] += 1
-        totals["images"] += out.count
-        totals["comm_wait_s"] += comm["comm_wait_s"]
-        for tag, n in comm["bytes"].items():
-            totals["bytes"][tag] = totals["bytes"].get(tag, 0) + n
+        totals.add(out.count, comm)
         if logging_now:
             now = time.perf_counter()
             record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch(data, cfg), "loss": out.loss,
@@ -197,16 +219,9 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         if step % cfg.ckpt_every == 0 or step == total:
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
     bar.close()
-    wall = time.perf_counter() - start_time
-    steps_run = max(1, totals["steps"])
-    summary = {
-        "top1_error": test.get("top1_error"), "top5_error": test.get("top5_error"),
-        "test_examples": test.get("test_examples"),
-        "steps": step, "wall_s": wall, "images_per_s": totals["images"] / wall if wall else 0.0,
-        "bytes_per_step": {tag: n / steps_run for tag, n in totals["bytes"].items()},
-        "bytes_per_step_total": sum(totals["bytes"].values()) / steps_run,
-        "comm_wait_fraction": totals["comm_wait_s"] / wall if wall else 0.0,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
-    }
+    if not test:  # resumed a run that had already finished
+        test = evaluate(strategy, data, cfg)
+    summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
+               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
     log.summary(cfg.out, summary)
     return summary
