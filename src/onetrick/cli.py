@@ -11,6 +11,7 @@ from .config import (DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, LR_SCALES, SCHEDU
                      ConfigError, TrainConfig)
 
 D = TrainConfig()
+ASYNC_MOMENTUM = 0.5
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -35,7 +36,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--epochs", type=float, default=D.epochs)
     g = p.add_argument_group("recipe")
     g.add_argument("--lr", type=float, default=D.lr, help="weight learning rate at one worker; biases get --bias-lr-mult x")
-    g.add_argument("--momentum", type=float, default=D.momentum)
+    g.add_argument("--momentum", type=float, default=None,
+                   help=f"default {D.momentum}; {ASYNC_MOMENTUM} for hogwild/paramserver, whose staleness already acts as "
+                        "momentum (Mitliagkas et al. 2016): at 0.9 they stalled at chance in about half the runs")
     g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="on weights only")
     g.add_argument("--bias-lr-mult", type=float, default=D.bias_lr_mult)
     g.add_argument("--lr-mult", action="append", default=[], metavar="GLOB=MULT",
@@ -75,6 +78,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if values.get("strategy") is None:
         values["strategy"] = "single" if args.workers == 1 else "data"
+    if args.momentum is None and values["strategy"] in ("hogwild", "paramserver"):
+        values["momentum"] = ASYNC_MOMENTUM
     if values["strategy"] == "hybrid" and args.scheme is None:
         values["scheme"] = "b"
     return TrainConfig(**values)

@@ -1,0 +1,314 @@
+"""Hogwild: asynchronous data parallelism in shared memory (PAPER.md form 3).
+
+K worker processes on one machine (torch.multiprocessing, spawn) update one set of
+weights held in shared memory (``model.share_memory()``), without locks. Each worker
+reads its own shard of every epoch (``train_batches`` with data rank = worker index,
+data world = K), keeps its own momentum, and applies its SGD step of batch B straight
+into the shared tensors, so updates from different workers may interleave inside a
+tensor: Hogwild's bet is that such conflicts cost less than any synchronisation. Each
+update is one worker's batch, so the learning rate is not scaled with K. Asynchrony acts
+as extra momentum (Mitliagkas et al. 2016, "Asynchrony begets momentum"): on top of the
+recipe's 0.9, K=2 runs of the small network on digits often stall at chance, while
+``--momentum 0.5`` trains them as well as synchronous SGD (the same holds for the
+parameter server).
+
+The parent process builds the model, starts the workers and watches them: a worker that
+raises or dies (even by SIGKILL) does not stop the others, which run to the end; the
+parent then evaluates the shared weights, writes the last test line, ``summary.json``
+(``failed_workers`` lists the failures) and a checkpoint of the final weights (for
+``onetrick eval``/``export``/``plot``), and raises :class:`WorkerFailure` if any worker
+failed. Worker 0 writes the train lines and a test line every ``eval_every`` of its
+steps (on the shared weights as they are then). Momentum lives in the workers and is not
+checkpointed, so ``--resume`` is refused. Nothing crosses a network: bytes per step are 0.
+
+Also here, because the parameter server's workers run the same loop: :func:`worker_loop`
+(one asynchronous worker's steps, logging and periodic test error) and
+:func:`async_summary` (summary.json with train.py's keys).
+
+Testing hooks (environment variables, read by every asynchronous worker; not CLI options):
+``ONETRICK_ASYNC_DELAY_MS=MAX`` sleeps a random 0..MAX ms before every step;
+``ONETRICK_ASYNC_FAIL_AT=STEP[:WORKER]`` raises :class:`InjectedFailure` in that worker
+(default 0) at that 0-based step; train.py's ``ONETRICK_CRASH_AT=STEP[:WORKER]`` SIGKILLs it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Empty
+
+import torch
+import torch.multiprocessing as mp
+from tqdm import tqdm
+
+from .. import checkpoint
+from ..config import ConfigError, TrainConfig
+from ..data import DataBundle, build_data
+from ..evaluate import evaluate
+from ..models import input_size
+from ..recipe import schedule_factor, set_lr
+from ..train import (NonFiniteLoss, RunLog, Totals, _maybe_crash, layer_stats, setup, steps_per_epoch, total_steps,
+                     train_batches, weights_copy)
+from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
+from .strategy import SingleStrategy, StepOutput, Strategy
+
+DELAY_ENV = "ONETRICK_ASYNC_DELAY_MS"
+FAIL_ENV = "ONETRICK_ASYNC_FAIL_AT"
+POLL_S = 0.2          # how often the parent looks for finished or dead workers
+JOIN_S = 10.0         # how long a finished worker may take to exit before it is terminated
+
+
+class InjectedFailure(RuntimeError):
+    """Raised in a worker by the ``ONETRICK_ASYNC_FAIL_AT`` testing hook."""
+
+
+@dataclass
+class DataShard:
+    """Which part of every epoch one asynchronous worker reads: the two things
+    ``train_batches`` asks of a strategy."""
+
+    data_rank: int
+    data_world: int
+
+
+def local_config(cfg: TrainConfig) -> TrainConfig:
+    """The configuration of one asynchronous worker's own learner: a single process whose
+    every update is its own batch B (no K-times batch, so no lr scaling) and which
+    evaluates the whole test set alone."""
+    return cfg.replace(strategy="single", workers=1)
+
+
+def refuse_unsupported(cfg: TrainConfig) -> None:
+    """Asynchronous strategies keep momentum in the processes that apply the updates and
+    do not checkpoint it, so a run cannot be resumed."""
+    if cfg.resume:
+        raise ConfigError(f"--resume is not supported with --strategy {cfg.strategy}: "
+                          "its momentum lives in the training processes and is not checkpointed")
+
+
+def run_meta(cfg: TrainConfig, data: DataBundle) -> dict:
+    return {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes}
+
+
+# -- one asynchronous worker ------------------------------------------------------------
+def _inject_faults(step: int, index: int) -> None:
+    """The testing hooks of the module docstring (random, not reproducible: that is the point)."""
+    delay_ms = os.environ.get(DELAY_ENV)
+    if delay_ms:
+        time.sleep(random.uniform(0.0, float(delay_ms)) / 1000.0)
+    spec = os.environ.get(FAIL_ENV)
+    if spec:
+        at, _, who = spec.partition(":")
+        if step == int(at) and index == int(who or 0):
+            raise InjectedFailure(f"injected failure at step {step}")
+
+
+def _one_step(cfg: TrainConfig, strategy: Strategy, batches, step: int, index: int) -> StepOutput:
+    _inject_faults(step, index)
+    _, images, targets = next(batches)
+    device = strategy.rt.device
+    out = strategy.train_step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+    if strategy.nonfinite and cfg.on_nan == "stop":
+        raise NonFiniteLoss(f"non-finite loss at step {step} of worker {index}")
+    return out
+
+
+def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: int, log: RunLog,
+                before_step=None, after_step=None) -> dict:
+    """Run asynchronous worker ``index``'s ``total_steps``; return its :class:`Totals`,
+    start and end times and error.
+
+    ``strategy`` is the worker's local learner: ``train_step`` computes the gradient of
+    one batch and hands it to its optimizer (a real SGD step for Hogwild, an accumulator
+    for the parameter server). ``before_step(step)`` / ``after_step(step)`` do the
+    strategy's communication. An exception from the data or the step itself ends the
+    loop and is returned as ``error`` (so the caller can tell the others); exceptions
+    from the communication hooks propagate. Worker 0 writes train lines, a test line
+    every ``eval_every`` steps and the progress bar.
+    """
+    total, per_epoch, is_main = total_steps(data, cfg), steps_per_epoch(data, cfg), index == 0
+    torch.manual_seed(cfg.seed * 1000 + index + 1)  # as train_worker: one augmentation/dropout stream per shard
+    batches = train_batches(data, cfg, DataShard(index, cfg.workers), 0)
+    bar = tqdm(total=total, disable=not (cfg.progress and is_main), desc=f"train ({cfg.strategy})", unit="step",
+               mininterval=1.0, dynamic_ncols=True)
+    result = {"index": index, "error": None, "start": time.monotonic(), "totals": Totals()}
+    interval = [result["start"], 0]  # start time and images of the current logging interval
+    strategy.set_training(True)
+    for step in range(total):
+        if before_step:
+            before_step(step)
+        logging_now = is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total)
+        before = weights_copy(strategy.model) if logging_now else {}
+        try:
+            out = _one_step(cfg, strategy, batches, step, index)
+        except Exception as err:  # noqa: BLE001 - any training error: reported, the others carry on
+            result["error"] = f"{type(err).__name__}: {err}"
+            break
+        if after_step:
+            after_step(step)
+        _maybe_crash(step + 1, index)
+        comm = strategy.comm.take()
+        result["totals"].add(out.count, comm)
+        interval[1] += out.count
+        bar.update(1)
+        if logging_now:
+            now = time.monotonic()
+            log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": out.loss,
+                       "train_error": out.errors / out.count, "lr": cfg.lr * schedule_factor(cfg, step, total),
+                       "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
+                       "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
+                       "layers": layer_stats(strategy.model, before)})
+            bar.set_postfix(loss=f"{out.loss:.3f}", err=f"{out.errors / out.count:.3f}")
+            interval[:] = [now, 0]
+        if is_main and (step + 1) % cfg.eval_every == 0 and step + 1 < total:  # the final one is the caller's
+            log.write({"kind": "test", "step": step + 1, "epoch": (step + 1) / per_epoch, **evaluate(strategy, data, cfg)})
+            strategy.set_training(True)
+    result["end"] = time.monotonic()
+    bar.close()
+    return result
+
+
+def _merged(parts: list[Totals]) -> Totals:
+    """All workers' totals as one; comm wait averaged, so its fraction is per worker."""
+    merged = Totals()
+    for t in parts:
+        merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes})
+    merged.steps = sum(t.steps for t in parts)
+    return merged
+
+
+def async_summary(cfg: TrainConfig, test: dict, workers: list[dict], lost: list[str], extra: dict) -> dict:
+    """summary.json of an asynchronous run, with train.py's keys.
+
+    ``workers``: what ``worker_loop`` returned, for the workers that returned; ``lost``:
+    one line per worker that returned nothing. ``steps`` is the longest worker's step
+    count, ``worker_steps`` each one's; ``wall_s`` runs from the first worker's start to
+    the last one's end; ``images_per_s`` counts every worker's images; bytes are those a
+    worker sends per step of its own, averaged over workers.
+    """
+    wall = max((w["end"] for w in workers), default=0.0) - min((w["start"] for w in workers), default=0.0)
+    steps = [w["totals"].steps for w in workers]
+    return {
+        "top1_error": test.get("top1_error"), "top5_error": test.get("top5_error"),
+        "steps": max(steps, default=0), "worker_steps": steps,
+        **_merged([w["totals"] for w in workers]).summary(wall),
+        **extra,
+        "failed_workers": [f"worker {w['index']}: {w['error']}" for w in workers if w["error"]] + lost,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+    }
+
+
+def raise_if_failed(summary: dict, cfg: TrainConfig) -> None:
+    failed = summary["failed_workers"]
+    if failed:
+        raise WorkerFailure(f"{failed[0]}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+                            + f"; the other workers finished, summary in {cfg.out}")
+
+
+# -- Hogwild -------------------------------------------------------------------------------
+def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue) -> None:
+    """Body of worker process ``index``: train on the shared ``model``, put the counters
+    (or the setup error) on ``queue``."""
+    try:
+        queue.put(_hogwild_train(index, cfg, model))
+    except Exception as err:  # noqa: BLE001 - reported by the parent as this worker's failure
+        queue.put({"index": index, "fatal": f"{type(err).__name__}: {err}"})
+
+
+def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module) -> dict:
+    torch.set_num_threads(_threads(cfg, cfg.workers))
+    data = build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
+                      skip_corrupt=cfg.skip_corrupt)
+    device = torch.device(cfg.device)
+    rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
+    strategy = SingleStrategy(model, local_config(cfg), rt)  # its own momentum, the shared weights
+    total = total_steps(data, cfg)
+    log = RunLog(cfg.out, index == 0, resume=True)  # the parent started the file
+    return worker_loop(cfg, data, strategy, index, log,
+                       before_step=lambda step: set_lr(strategy.optimizers(), schedule_factor(cfg, step, total)))
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exited with code {code} without a result"
+
+
+def _drain(queue, results: dict[int, dict]) -> None:
+    """Everything already sent: a worker that exited has flushed its queue first."""
+    while True:
+        try:
+            msg = queue.get(timeout=POLL_S)
+        except Empty:
+            return
+        results[msg["index"]] = msg
+
+
+def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
+    """Wait for every worker's result or death, whichever comes; never blocks on a dead one."""
+    results: dict[int, dict] = {}
+    lost: dict[int, str] = {}
+    while len(results) + len(lost) < len(procs):
+        try:
+            msg = queue.get(timeout=POLL_S)
+            results[msg["index"]] = msg
+            continue
+        except Empty:
+            pass
+        for i, p in enumerate(procs):
+            if p.exitcode is not None and i not in results and i not in lost:
+                _drain(queue, results)
+                if i not in results:
+                    lost[i] = f"worker {i}: {_exit_reason(p.exitcode)}"
+    for i, msg in list(results.items()):
+        if "fatal" in msg:
+            lost[i] = f"worker {i}: {results.pop(i)['fatal']}"
+    return results, lost
+
+
+def _run_workers(cfg: TrainConfig, model: torch.nn.Module) -> tuple[list[dict], list[str]]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, model, queue), name=f"hogwild-{i}")
+             for i in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    try:
+        results, lost = _collect(procs, queue)
+    finally:
+        for p in procs:  # finished workers exit at once; anything else is stopped
+            p.join(timeout=JOIN_S)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [results[i] for i in sorted(results)], [lost[i] for i in sorted(lost)]
+
+
+def train_hogwild(cfg: TrainConfig) -> dict:
+    """Train with ``cfg.workers`` Hogwild processes on shared weights; return the summary.
+
+    Raises :class:`WorkerFailure` (after writing summary.json) if a worker raised or died.
+    """
+    refuse_unsupported(cfg)
+    if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--strategy hogwild shares memory on one machine: start it with onetrick train, not torchrun")
+    torch.set_num_threads(_threads(cfg, 1))
+    rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device(cfg.device), mesh=None)
+    data, strategy = setup(rt, local_config(cfg))
+    strategy.model.share_memory()  # the workers' SGD steps write into these very tensors
+    log = RunLog(cfg.out, True, resume=False)
+    workers, lost = _run_workers(cfg, strategy.model)
+    test = evaluate(strategy, data, cfg)
+    steps = max((w["totals"].steps for w in workers), default=0)
+    log.write({"kind": "test", "step": steps, "epoch": steps / steps_per_epoch(data, cfg), **test})
+    summary = async_summary(cfg, test, workers, lost, extra={})
+    log.summary(cfg.out, summary)
+    # the final weights, for eval/export/plot; momentum stays with the workers (zeros here)
+    with warnings.catch_warnings():  # DCP warns that it saves from one process: it does, on purpose
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        checkpoint.save(cfg.out, steps, strategy.state_dict(), run_meta(cfg, data))
+    raise_if_failed(summary, cfg)
+    return summary
