@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from onetrick.distributed.runtime import WorkerFailure, launch
-from workers import base_config, hang_or_die, one_step_bytes, sharded_loss_and_grads, two_tower_batches, two_tower_steps
+from workers import (
+    base_config,
+    hang_or_die,
+    one_step_bytes,
+    sharded_loss_and_grads,
+    two_tower_batches,
+    two_tower_steps,
+)
 
 
 @pytest.mark.timeout(120)
@@ -20,7 +27,7 @@ def test_sharded_cross_entropy_equals_dense_at_100k_classes(k):
     targets = torch.randint(0, classes, (n,), generator=g)
     loss = F.cross_entropy(logits, targets)
     loss.backward()
-    for rank, got in results.items():
+    for got in results.values():
         start, end = got["range"]
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["grad"], logits.grad[:, start:end], rtol=1e-4, atol=1e-7)

@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from onetrick.models import TrunkHeadNet, build_model
-from onetrick.models.alexnet import INPUT_SIZE, Tower, TwoTowerTrunk, alexnet, alexnet2012
+from onetrick.models.alexnet import (
+    INPUT_SIZE,
+    Tower,
+    TwoTowerTrunk,
+    alexnet,
+    alexnet2012,
+)
 from onetrick.models.smallnet import INPUT_SIZE as SMALL_INPUT_SIZE
 from onetrick.models.smallnet import smallnet
 

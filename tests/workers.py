@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from onetrick.config import TrainConfig
+from onetrick.distributed import parallelize
 from onetrick.models import TrunkHeadNet, fc_head
 from onetrick.recipe import model_sgd
-from onetrick.distributed import parallelize
 
 CLASSES = 10
 HIDDEN = (50, 30)   # uneven for K=4: shards 13/13/13/11 and 8/8/8/6; classes 3/3/3/1

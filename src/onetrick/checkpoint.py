@@ -111,7 +111,7 @@ def load(run_dir: Path, state: dict) -> tuple[int, Path]:
         try:
             dcp.load(state, checkpoint_id=path)
             restore_rng(path / f"rank{_rank():05d}.pt")
-        except UNREADABLE as err:  # noqa: BLE001 - any failure means: try the previous one
+        except UNREADABLE as err:
             ok[0] = 0
             errors.append(f"{path.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         if dist.is_initialized():

@@ -7,8 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, LR_SCALES, SCHEDULES, SCHEMES, STRATEGIES,
-                     ConfigError, TrainConfig)
+from .config import (
+    DATA_PARALLEL_SYNCS,
+    DEVICES,
+    FC_BATCHES,
+    LR_SCALES,
+    SCHEDULES,
+    SCHEMES,
+    STRATEGIES,
+    ConfigError,
+    TrainConfig,
+)
 
 D = TrainConfig()
 ASYNC_MOMENTUM = 0.5

@@ -69,10 +69,10 @@ class TrainConfig:
     skip_corrupt: bool = False
     progress: bool = True
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ConfigError on the first invalid option; return self for chaining."""
         from .models import MODELS
 

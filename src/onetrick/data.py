@@ -40,15 +40,15 @@ per worker), never from Python's ``random``: ``torch.manual_seed`` makes it repe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-__all__ = ["DataError", "DataBundle", "build_data", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataBundle", "DataError", "build_data"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

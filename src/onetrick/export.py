@@ -30,7 +30,7 @@ def full_state(run: Path) -> dict[str, torch.Tensor]:
             try:
                 dcp_to_torch_save(path, flat)
                 return torch.load(flat, weights_only=True)["model"]
-            except UNREADABLE as err:  # noqa: BLE001 - unreadable: fall back to the previous one
+            except UNREADABLE as err:
                 errors.append(f"{path.name}: {type(err).__name__}")
     raise checkpoint.CheckpointError(f"no readable checkpoint in {checkpoint.checkpoint_root(run)} ({'; '.join(errors) or 'none found'})")
 
@@ -74,7 +74,7 @@ def evaluate_run(run: Path, views: int = 1, data: str | None = None) -> dict:
 
 def first_layer_weight(run: Path) -> torch.Tensor:
     """The first convolution's filters (out, in, kh, kw)."""
-    for name, tensor in full_state(run).items():
+    for tensor in full_state(run).values():
         if tensor.ndim == 4:
             return tensor
     raise ValueError(f"no convolution weights in {run}")

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .strategy import Strategy
 
 
-def parallelize(model: "TrunkHeadNet", cfg: "TrainConfig", rt: "Runtime") -> "Strategy":
+def parallelize(model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> Strategy:
     """Apply the configured synchronous parallelism to a plain model (torchtitan's
     "parallelize" step). Asynchronous strategies run their own loops."""
     if cfg.strategy == "single":

@@ -50,8 +50,18 @@ from ..data import DataBundle, build_data
 from ..evaluate import evaluate
 from ..models import input_size
 from ..recipe import schedule_factor, set_lr
-from ..train import (NonFiniteLoss, RunLog, Totals, _maybe_crash, layer_stats, setup, steps_per_epoch, total_steps,
-                     train_batches, weights_copy)
+from ..train import (
+    NonFiniteLoss,
+    RunLog,
+    Totals,
+    _maybe_crash,
+    layer_stats,
+    setup,
+    steps_per_epoch,
+    total_steps,
+    train_batches,
+    weights_copy,
+)
 from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
 from .strategy import SingleStrategy, StepOutput, Strategy
 

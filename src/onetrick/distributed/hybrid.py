@@ -125,12 +125,15 @@ class Hybrid(ShardedHeadStrategy):
         return {"model": {**trunk_w, **head_w}, "momentum": {**trunk_m, **head_m}}
 
     def load_state_dict(self, state: dict) -> None:
-        strip = lambda d: {k[len("trunk."):]: v for k, v in d.items() if k.startswith("trunk.")}  # noqa: E731
-        self.model.trunk.load_state_dict(strip(state["model"]))
-        self.trunk_sync.load_momentum_state(strip(state["momentum"]))
+        self.model.trunk.load_state_dict(_trunk_entries(state["model"]))
+        self.trunk_sync.load_momentum_state(_trunk_entries(state["momentum"]))
         self.load_head_state(state["model"], state["momentum"], self.head_opt)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         trunk = {"trunk." + k: v.detach().clone() for k, v in self.model.trunk.state_dict().items()}
         return {**trunk, **self.dense_head_state()}
 
+
+def _trunk_entries(state: dict) -> dict:
+    """The entries of a whole-model state under `trunk.`, with that prefix removed."""
+    return {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}

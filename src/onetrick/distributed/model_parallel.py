@@ -19,8 +19,14 @@ from ..models import TrunkHeadNet
 from ..recipe import make_sgd, param_groups
 from .runtime import Runtime
 from .strategy import StepOutput, Strategy
-from .tensor_parallel import (ShardedHead, gather_columns, replicated_input, shard_range, sharded_cross_entropy,
-                              sharded_errors)
+from .tensor_parallel import (
+    ShardedHead,
+    gather_columns,
+    replicated_input,
+    shard_range,
+    sharded_cross_entropy,
+    sharded_errors,
+)
 
 
 class ShardedHeadStrategy(Strategy):

@@ -67,7 +67,14 @@ from ..recipe import make_sgd, param_groups, schedule_factor, set_lr
 from ..train import RunLog, setup, steps_per_epoch, total_steps
 from .comm import Comm
 from .data_parallel import _Bucket
-from .hogwild import async_summary, local_config, raise_if_failed, refuse_unsupported, run_meta, worker_loop
+from .hogwild import (
+    async_summary,
+    local_config,
+    raise_if_failed,
+    refuse_unsupported,
+    run_meta,
+    worker_loop,
+)
 from .runtime import Runtime, launch
 from .strategy import Strategy
 

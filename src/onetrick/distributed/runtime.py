@@ -56,9 +56,9 @@ def _threads(cfg: TrainConfig, local_world: int) -> int:
 
 def init_worker(cfg: TrainConfig) -> Runtime:
     """Join the process group (gloo on CPU, NCCL on CUDA) with a timeout on every collective."""
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.set_num_threads(_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if cfg.device == "cuda":
         torch.cuda.set_device(local_rank)

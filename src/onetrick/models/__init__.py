@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import TrunkHeadNet, fc_head
 
-__all__ = ["TrunkHeadNet", "fc_head", "MODELS", "build_model", "input_size"]
+__all__ = ["MODELS", "TrunkHeadNet", "build_model", "fc_head", "input_size"]
 
 
 def _registry():

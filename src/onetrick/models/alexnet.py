@@ -39,7 +39,7 @@ from torch import nn
 
 from .base import TrunkHeadNet, fc_head
 
-__all__ = ["INPUT_SIZE", "alexnet", "alexnet2012", "Tower", "TwoTowerTrunk", "init_alexnet_"]
+__all__ = ["INPUT_SIZE", "Tower", "TwoTowerTrunk", "alexnet", "alexnet2012", "init_alexnet_"]
 
 #: Side of the square input images the AlexNets are designed for.
 INPUT_SIZE = 224
