@@ -1,4 +1,4 @@
-"""The ``onetrick`` command: train, eval, export, plot, bench, simulate."""
+"""The ``onetrick`` command: train, eval, export, plot, study, bench, simulate."""
 from __future__ import annotations
 
 import argparse
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="plots", help="output folder")
     p.add_argument("--no-filters", action="store_true")
     p.set_defaults(func=cmd_plot)
+    from .study import add_parser as add_study_parser
+
+    add_study_parser(sub)
     try:
         from .bench import add_parsers
         add_parsers(sub)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["plot_curves", "plot_filters", "read_metrics"]
+__all__ = ["new_figure", "plot_curves", "plot_filters", "read_metrics"]
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -61,7 +61,8 @@ def _labels(run_dirs: list[Path]) -> list[str]:
     return [f"{Path(r).resolve().parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(run_dirs, names)]
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -78,7 +79,7 @@ def plot_curves(run_dirs: list[Path], out: Path) -> Path:
     if not run_dirs:
         raise ValueError("plot_curves needs at least one run directory")
     runs = [read_metrics(r) for r in run_dirs]  # raises FileNotFoundError first, before drawing
-    fig = _figure(9, 7)
+    fig = new_figure(9, 7)
     ax_err, ax_loss = fig.subplots(2, 1, sharex=True)
     colours = [f"C{i % 10}" for i in range(len(runs))]
     for (train, test), label, colour in zip(runs, _labels(run_dirs), colours):
@@ -142,7 +143,7 @@ def plot_filters(weight: torch.Tensor, out: Path) -> Path:
     grid = filter_grid(weight)
     height, width = grid.shape[:2]
     scale = max(1.0, 600 / max(height, width))  # small kernels: enlarge, pixels stay square
-    fig = _figure(width * scale / 100 + 0.4, height * scale / 100 + 0.7)
+    fig = new_figure(width * scale / 100 + 0.4, height * scale / 100 + 0.7)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 - 0.5 / (height * scale / 100 + 0.7)))
     ax.imshow(grid, cmap=None if grid.ndim == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()

@@ -11,6 +11,9 @@ workers get ``ceil(n/K)``, the last what remains), see :func:`shard_sizes`.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -148,9 +151,12 @@ class ShardedHead(nn.Module):
             if isinstance(layer, nn.Linear):
                 widths = shard_sizes(layer.out_features, comm.size)
                 start, end = shard_range(layer.out_features, comm.size, comm.rank)
-                if 0 in widths:
-                    raise ValueError(f"head.{name} has {layer.out_features} neurons, fewer than {comm.size} workers")
-                local = nn.Linear(layer.in_features, end - start, device=layer.weight.device, dtype=layer.weight.dtype)
+                # A worker may own no neurons of a narrow layer (10 classes over 8 workers:
+                # 2,2,2,2,2,0,0,0, DTensor's Shard(0) layout); its shard is then empty.
+                with warnings.catch_warnings():  # "initializing zero-element tensors is a no-op"
+                    warnings.simplefilter("ignore", UserWarning)
+                    local = nn.Linear(layer.in_features, end - start, device=layer.weight.device,
+                                      dtype=layer.weight.dtype)
                 with torch.no_grad():
                     local.weight.copy_(layer.weight[start:end])
                     local.bias.copy_(layer.bias[start:end])
@@ -193,7 +199,7 @@ class ShardedHead(nn.Module):
             widths = self.widths[sum(isinstance(m, nn.Linear) for m in self.layers[:idx])]
             for p in ("weight", "bias"):
                 local = tensors[f"layers.{idx}.{p}"]
-                rows = local.reshape(local.shape[0], -1)
+                rows = local.reshape(local.shape[0], math.prod(local.shape[1:]))  # (0, F) for an empty shard
                 full = gather_columns(rows.t().contiguous(), self.comm, widths, "checkpoint").t()
                 out[self.local_to_dense()[f"layers.{idx}.{p}"]] = full.reshape((-1,) + tuple(local.shape[1:])).clone()
         return out
@@ -208,14 +214,15 @@ class _ShardedCrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
         logits = logits.float()
-        row_max = logits.max(dim=1).values
+        row_max = _row_max(logits)
         comm.all_reduce(row_max, tag=HEAD_TAG, op=dist.ReduceOp.MAX)
         exp = (logits - row_max[:, None]).exp()
         row_sum = exp.sum(dim=1)
         local_t = targets - offset
         mine = (local_t >= 0) & (local_t < logits.shape[1])
         idx = local_t.clamp(0, logits.shape[1] - 1)
-        target_logit = torch.where(mine, logits.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(row_max))
+        local_target = logits.gather(1, idx[:, None]).squeeze(1) if logits.shape[1] else torch.zeros_like(row_max)
+        target_logit = torch.where(mine, local_target, torch.zeros_like(row_max))
         reduced = torch.stack([row_sum, target_logit])
         comm.all_reduce(reduced, tag=HEAD_TAG)
         row_sum, target_logit = reduced
@@ -232,6 +239,13 @@ class _ShardedCrossEntropy(Function):
         return g * (grad / softmax.shape[0]), None, None, None
 
 
+def _row_max(logits: torch.Tensor) -> torch.Tensor:
+    """Row maxima; -inf for a worker that owns no classes."""
+    if logits.shape[1] == 0:
+        return logits.new_full((logits.shape[0],), float("-inf"))
+    return logits.max(dim=1).values
+
+
 def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
     """Mean cross-entropy over class-sharded ``logits`` (same value on every worker)."""
     return _ShardedCrossEntropy.apply(logits, targets, offset, comm)
@@ -239,7 +253,8 @@ def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: i
 
 def sharded_errors(logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
     """Top-1 errors from class-sharded logits: local best, then the global best (tiny all-gather)."""
-    best, arg = logits.max(dim=1)
+    best = _row_max(logits)
+    arg = logits.argmax(dim=1) if logits.shape[1] else torch.zeros_like(targets)
     both = torch.stack([best.float(), (arg + offset).float()], dim=1).contiguous()
     out = both.new_empty(comm.size * both.numel())
     comm.all_gather(out, both.flatten(), tag="metrics")

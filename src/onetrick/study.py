@@ -1,0 +1,242 @@
+"""``onetrick study``: the paper's results table in shape, on a real data set.
+
+One worker against K workers of data parallelism and of the hybrid with the paper's two
+batch sizes, (K*B, K*B) and (K*B, B), all for the same number of epochs; every row is a
+real ``onetrick train`` run (its own run directory under ``OUT/runs/``), and the table
+holds each row's final test error, wall time and bytes per step. PAPER.md's table:
+
+    GPUs  (conv, FC) batch   top-1 error   speedup
+    1     (128, 128)         42.33%        1.00x
+    2     (256, 256)         42.63%        1.95x
+    2     (256, 128)         42.27%        1.93x
+    ...
+
+A run directory that already holds a finished run of the same configuration is reused,
+so an interrupted study continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+from .plot import new_figure, read_metrics
+from .recipe import lr_scale_factor
+
+VARIANTS = ("data", "hybrid-full", "hybrid-worker")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the study: K workers, a strategy, the FC batch, a seed."""
+
+    workers: int
+    variant: str  # "single", or one of VARIANTS
+    seed: int
+    scheme: str = "b"  # the hybrid's
+
+    @property
+    def name(self) -> str:
+        return f"k{self.workers}-{self.variant}-seed{self.seed}"
+
+    def config(self, base: TrainConfig, out: Path) -> TrainConfig:
+        strategy, _, fc_batch = self.variant.partition("-")
+        changes = {"workers": self.workers, "strategy": strategy, "seed": self.seed, "out": out / "runs" / self.name,
+                   "progress": False}
+        if strategy == "hybrid":
+            changes.update(scheme=self.scheme, fc_batch=fc_batch)
+        return base.replace(**changes)
+
+    def batches(self, b: int) -> str:
+        """The paper's (conv batch, FC batch)."""
+        k = self.workers
+        return f"({k * b}, {b if self.variant == 'hybrid-worker' else k * b})"
+
+
+def study_rows(workers: list[int], variants: list[str], seeds: list[int], scheme: str = "b") -> list[Row]:
+    rows = []
+    for seed in seeds:
+        rows.append(Row(1, "single", seed))
+        rows += [Row(k, v, seed, scheme) for k in workers if k > 1 for v in variants]
+    return rows
+
+
+def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
+    """Train one row (or reuse its finished run); return its summary."""
+    from .train import train
+
+    cfg = row.config(base, out).validate()
+    summary_path = Path(cfg.out) / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text())
+        wanted = json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}))
+        if all(done["config"].get(k) == v for k, v in wanted.items()):
+            print(f"{row.name}: reusing the finished run in {cfg.out}", flush=True)
+            return done
+    print(f"{row.name}: training ({cfg.workers} worker(s), {cfg.strategy}"
+          + (f", scheme {cfg.scheme}, fc-batch {cfg.fc_batch}" if cfg.strategy == "hybrid" else "") + ")", flush=True)
+    return train(cfg)
+
+
+def _lrs(row: Row, base: TrainConfig) -> tuple[float, float]:
+    """(conv lr, FC lr) at the start of training: the conv rate follows --lr-scale; the
+    FC rate too, except with an FC batch of B (the paper keeps it at one worker's)."""
+    conv = base.lr * lr_scale_factor(base.lr_scale, row.workers)
+    return conv, base.lr if row.variant == "hybrid-worker" else conv
+
+
+def table_rows(rows: list[Row], summaries: dict[str, dict], base: TrainConfig) -> list[dict]:
+    """One line per (K, variant): mean and spread over seeds."""
+    keyed: dict[tuple[int, str], list[dict]] = {}
+    for row in rows:
+        keyed.setdefault((row.workers, row.variant), []).append(summaries[row.name])
+    single_wall = statistics.median(s["wall_s"] for s in keyed[(1, "single")])
+    lines = []
+    for (k, variant), runs in keyed.items():
+        row = Row(k, variant, 0)
+        top1 = [s["top1_error"] for s in runs]
+        wall = statistics.median(s["wall_s"] for s in runs)
+        conv_lr, fc_lr = _lrs(row, base)
+        lines.append({
+            "workers": k, "variant": variant, "batches": row.batches(base.batch), "conv_lr": conv_lr, "fc_lr": fc_lr,
+            "steps": runs[0]["steps"], "seeds": len(runs), "top1_error": statistics.mean(top1),
+            "top1_error_min": min(top1), "top1_error_max": max(top1),
+            "top5_error": statistics.mean(s["top5_error"] for s in runs), "wall_s": wall,
+            "time_ratio": single_wall / wall, "images_per_s": statistics.median(s["images_per_s"] for s in runs),
+            "mb_per_step": statistics.mean(s["bytes_per_step_total"] for s in runs) / 1e6,
+            "runs": [row_.name for row_ in rows if (row_.workers, row_.variant) == (k, variant)],
+        })
+    return lines
+
+
+def markdown(lines: list[dict], base: TrainConfig, command: str, scheme: str = "b") -> str:
+    data = base.data if base.data != "digits" else "digits (scikit-learn's bundled 8x8 digits, 1,437 train / 360 test)"
+    out = [f"```\n{command}\n```\n",
+           f"Model `{base.model}`, data {data}, B = {base.batch} per worker, {base.epochs:g} epochs, lr {base.lr:g} "
+           f"(`--lr-scale {base.lr_scale}` for the conv layers), `--schedule {base.schedule}`, hybrid scheme ({scheme}). "
+           "`time ratio`: one worker's wall time over this row's, on this machine's 2 cores (not a speedup claim).\n",
+           "| workers | strategy | (conv, FC) batch | conv lr | FC lr | steps | top-1 error | range over seeds | "
+           "top-5 error | wall s | time ratio | MB per step |",
+           "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in lines:
+        spread = f"{100 * r['top1_error_min']:.2f}-{100 * r['top1_error_max']:.2f}%" if r["seeds"] > 1 else "-"
+        out.append(f"| {r['workers']} | {r['variant']} | {r['batches']} | {r['conv_lr']:g} | {r['fc_lr']:g} | "
+                   f"{r['steps']} | {100 * r['top1_error']:.2f}% | {spread} | {100 * r['top5_error']:.2f}% | "
+                   f"{r['wall_s']:.0f} | {r['time_ratio']:.2f}x | {r['mb_per_step']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_study(lines: list[dict], out_dir: Path, path: Path) -> Path:
+    """Left: test top-1 error against epoch, one curve per row (first seed). Right: final
+    top-1 error against K per strategy (mean over seeds, bars from min to max)."""
+    fig = new_figure(13, 5)
+    ax_curve, ax_final = fig.subplots(1, 2)
+    for i, r in enumerate(lines):
+        _, test = read_metrics(out_dir / "runs" / r["runs"][0])
+        ax_curve.plot([t["epoch"] for t in test], [100 * t["top1_error"] for t in test], color=f"C{i % 10}", lw=1.2,
+                      label=f"K={r['workers']} {r['variant']} {r['batches']}")
+    ax_curve.set_yscale("log")
+    ax_curve.set_xlabel("epoch")
+    ax_curve.set_ylabel("test top-1 error (%, log scale)")
+    ax_curve.grid(alpha=0.3, which="both")
+    ax_curve.legend(fontsize=7)
+    for variant in ("single", *VARIANTS):
+        pts = sorted((r["workers"], r) for r in lines if r["variant"] == variant or
+                     (r["variant"] == "single" and variant != "single"))
+        if variant == "single" or len(pts) < 2:
+            continue
+        ks = [k for k, _ in pts]
+        mean = [100 * r["top1_error"] for _, r in pts]
+        err = [[100 * (r["top1_error"] - r["top1_error_min"]) for _, r in pts],
+               [100 * (r["top1_error_max"] - r["top1_error"]) for _, r in pts]]
+        ax_final.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=variant)
+    ax_final.set_xscale("log", base=2)
+    ax_final.set_xlabel("workers K (same epochs; global batch K*B)")
+    ax_final.set_ylabel("final test top-1 error (%)")
+    ax_final.grid(alpha=0.3)
+    ax_final.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def run_study(base: TrainConfig, workers: list[int], variants: list[str], seeds: list[int], out: Path,
+              command: str, scheme: str = "b") -> list[dict]:
+    """Train every row, write OUT.md, OUT.json and OUT.png; return the table's lines."""
+    rows = study_rows(workers, variants, seeds, scheme)
+    for row in rows:  # every configuration is checked before the first one trains
+        row.config(base, out).validate()
+    summaries = {row.name: run_row(row, base, out) for row in rows}
+    lines = table_rows(rows, summaries, base)
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.md").write_text(markdown(lines, base, command, scheme))
+    (out.parent / f"{out.name}.json").write_text(json.dumps({"command": command, "lines": lines}, indent=2))
+    plot_study(lines, out, out.parent / f"{out.name}.png")
+    return lines
+
+
+# -- CLI ------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"worker counts and seeds must be positive, got {text!r}")
+    return values
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _variants(text: str) -> list[str]:
+    values = text.split(",")
+    unknown = [v for v in values if v not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    return values
+
+
+def add_parser(sub) -> None:
+    d = TrainConfig()
+    p = sub.add_parser("study", help="the paper's table in shape: final test error of 1 vs K workers, data vs hybrid",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workers", type=_ints, default="1,2,4,8", help="worker counts K (1 is always run)")
+    p.add_argument("--variants", type=_variants, default=",".join(VARIANTS),
+                   help="data: synchronous data parallelism; hybrid-full: (K*B, K*B); hybrid-worker: (K*B, B)")
+    p.add_argument("--seeds", type=_seeds, default="0", help="one run per seed")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--batch", type=int, default=16, help="B, examples per worker per step")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="one worker's weight learning rate")
+    p.add_argument("--lr-scale", default="linear", help="conv lr for K workers (the paper's configs: linear)")
+    p.add_argument("--scheme", choices=("a", "b", "c"), default="b",
+                   help="hybrid scheme (hybrid-worker needs b or c)")
+    p.add_argument("--eval-every", type=int, default=20, help="test error every N steps (the curves)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per worker")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json, OUT.png; run directories in OUT/runs")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    base = TrainConfig(model=args.model, data=args.data, batch=args.batch, epochs=args.epochs, lr=args.lr,
+                       lr_scale=args.lr_scale, scheme=None, threads=args.threads, device=args.device,
+                       eval_every=args.eval_every, log_every=args.eval_every)
+    base.validate()
+    command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = run_study(base, args.workers, args.variants, args.seeds, args.out, command, args.scheme)
+    print(markdown(lines, base, command, args.scheme))
+    return 0
