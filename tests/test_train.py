@@ -1,5 +1,8 @@
 """The training loop as a user runs it: accuracy, run directory, resume, bad input."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +134,27 @@ def test_two_workers_train_the_default_network(tmp_path, strategy):
     assert summary["top1_error"] < 0.10, summary["top1_error"]
     assert summary["test_examples"] == 360  # the whole test set, each example once
     assert summary["bytes_per_step_total"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
+    """``torchrun -m onetrick.cli train`` (no --workers: torchrun's process count) gives
+    the same weights as ``onetrick train --workers 2``; a mismatched --workers is refused."""
+    job = ["--strategy", "hybrid", "--steps", "6", "--batch", "16", "--ckpt-every", "6", *FAST]
+    own = onetrick("train", "--workers", "2", *job, "--out", tmp_path / "own", timeout=200)
+    assert own.returncode == 0, own.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "onetrick.cli", "train"]
+    ran = subprocess.run([*torchrun, *job, "--out", str(tmp_path / "torchrun")], capture_output=True, text=True,
+                         timeout=200, env=env)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.count("test top-1 error") == 1   # printed by rank 0 only
+    want, got = exported_weights(tmp_path / "own"), exported_weights(tmp_path / "torchrun")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    wrong = subprocess.run([*torchrun, "--workers", "3", *job, "--out", str(tmp_path / "wrong")], capture_output=True,
+                           text=True, timeout=200, env=env)
+    assert wrong.returncode != 0
+    assert "--workers 3 does not match the 2 processes torchrun started" in wrong.stderr

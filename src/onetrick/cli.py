@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--lr-scale", choices=LR_SCALES, default=D.lr_scale, help="lr scaling for a K-times larger batch")
     g.add_argument("--seed", type=int, default=D.seed)
     g = p.add_argument_group("parallelism")
-    g.add_argument("--workers", type=int, default=D.workers, help="K worker processes (or one per GPU)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="K worker processes (or one per GPU); default 1, or under torchrun its processes (less --servers)")
     g.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: single for 1 worker, data otherwise")
     g.add_argument("--sync", choices=DATA_PARALLEL_SYNCS, default=D.sync, help="data parallelism: DDP or the paper's sharded update")
     g.add_argument("--scheme", choices=SCHEMES, default=None, help="hybrid: how last-conv activations reach the FC layers (default b)")
@@ -85,8 +87,9 @@ def _train_parser(sub) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["workers"] = _workers(args)
     if values.get("strategy") is None:
-        values["strategy"] = "single" if args.workers == 1 else "data"
+        values["strategy"] = "single" if values["workers"] == 1 else "data"
     if args.momentum is None and values["strategy"] in ("hogwild", "paramserver"):
         values["momentum"] = ASYNC_MOMENTUM
     if values["strategy"] == "hybrid" and args.scheme is None:
@@ -94,11 +97,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, checked against the processes torchrun started (their count includes
+    the parameter servers)."""
+    from .distributed.runtime import under_torchrun
+
+    if not under_torchrun() or args.strategy == "hogwild":
+        return D.workers if args.workers is None else args.workers
+    servers = args.servers if args.strategy == "paramserver" else 0
+    started = int(os.environ["WORLD_SIZE"])
+    if args.workers is not None and args.workers + servers != started:
+        raise ConfigError(f"--workers {args.workers}" + (f" + --servers {servers}" if servers else "")
+                          + f" does not match the {started} processes torchrun started (WORLD_SIZE)")
+    return started - servers
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = config_from_args(args)
     summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process gets here; one line is enough
+        return 0
     print(f"test top-1 error {summary['top1_error']:.2%} (accuracy {1 - summary['top1_error']:.2%}), "
           f"top-5 error {summary['top5_error']:.2%}, {summary['images_per_s']:.0f} images/s, "
           f"{summary['bytes_per_step_total'] / 1e6:.3f} MB sent per worker per step; run directory {cfg.out}")
