@@ -103,7 +103,7 @@ def table_rows(rows: list[Row], summaries: dict[str, dict], base: TrainConfig) -
         lines.append({
             "workers": k, "variant": variant, "batches": row.batches(base.batch), "conv_lr": conv_lr, "fc_lr": fc_lr,
             "steps": runs[0]["steps"], "seeds": len(runs), "top1_error": statistics.mean(top1),
-            "top1_error_min": min(top1), "top1_error_max": max(top1),
+            "top1_error_median": statistics.median(top1), "top1_error_min": min(top1), "top1_error_max": max(top1),
             "top5_error": statistics.mean(s["top5_error"] for s in runs), "wall_s": wall,
             "time_ratio": single_wall / wall, "images_per_s": statistics.median(s["images_per_s"] for s in runs),
             "mb_per_step": statistics.mean(s["bytes_per_step_total"] for s in runs) / 1e6,
@@ -118,44 +118,50 @@ def markdown(lines: list[dict], base: TrainConfig, command: str, scheme: str = "
            f"Model `{base.model}`, data {data}, B = {base.batch} per worker, {base.epochs:g} epochs, lr {base.lr:g} "
            f"(`--lr-scale {base.lr_scale}` for the conv layers), `--schedule {base.schedule}`, hybrid scheme ({scheme}). "
            "`time ratio`: one worker's wall time over this row's, on this machine's 2 cores (not a speedup claim).\n",
-           "| workers | strategy | (conv, FC) batch | conv lr | FC lr | steps | top-1 error | range over seeds | "
-           "top-5 error | wall s | time ratio | MB per step |",
-           "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+           "| workers | strategy | (conv, FC) batch | conv lr | FC lr | steps | top-1 error (mean) | median | "
+           "range over seeds | top-5 error | wall s | time ratio | MB per step |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in lines:
         spread = f"{100 * r['top1_error_min']:.2f}-{100 * r['top1_error_max']:.2f}%" if r["seeds"] > 1 else "-"
         out.append(f"| {r['workers']} | {r['variant']} | {r['batches']} | {r['conv_lr']:g} | {r['fc_lr']:g} | "
-                   f"{r['steps']} | {100 * r['top1_error']:.2f}% | {spread} | {100 * r['top5_error']:.2f}% | "
+                   f"{r['steps']} | {100 * r['top1_error']:.2f}% | {100 * r['top1_error_median']:.2f}% | {spread} | {100 * r['top5_error']:.2f}% | "
                    f"{r['wall_s']:.0f} | {r['time_ratio']:.2f}x | {r['mb_per_step']:.3f} |")
     return "\n".join(out) + "\n"
 
 
+FLOOR = 0.1  # %: a log axis cannot show 0 errors; they are drawn here
+
+
 def plot_study(lines: list[dict], out_dir: Path, path: Path) -> Path:
     """Left: test top-1 error against epoch, one curve per row (first seed). Right: final
-    top-1 error against K per strategy (mean over seeds, bars from min to max)."""
+    top-1 error against K per strategy (median over seeds, bars from min to max). Both on
+    log axes, with 0 drawn at FLOOR."""
     fig = new_figure(13, 5)
     ax_curve, ax_final = fig.subplots(1, 2)
     for i, r in enumerate(lines):
         _, test = read_metrics(out_dir / "runs" / r["runs"][0])
-        ax_curve.plot([t["epoch"] for t in test], [100 * t["top1_error"] for t in test], color=f"C{i % 10}", lw=1.2,
+        ax_curve.plot([t["epoch"] for t in test], [max(FLOOR, 100 * t["top1_error"]) for t in test],
+                      color=f"C{i % 10}", lw=1.2,
                       label=f"K={r['workers']} {r['variant']} {r['batches']}")
     ax_curve.set_yscale("log")
     ax_curve.set_xlabel("epoch")
-    ax_curve.set_ylabel("test top-1 error (%, log scale)")
+    ax_curve.set_ylabel(f"test top-1 error (%, log; 0 drawn at {FLOOR})")
     ax_curve.grid(alpha=0.3, which="both")
     ax_curve.legend(fontsize=7)
-    for variant in ("single", *VARIANTS):
-        pts = sorted((r["workers"], r) for r in lines if r["variant"] == variant or
-                     (r["variant"] == "single" and variant != "single"))
-        if variant == "single" or len(pts) < 2:
+    single = [r for r in lines if r["variant"] == "single"]
+    for i, variant in enumerate(VARIANTS):
+        pts = sorted(single + [r for r in lines if r["variant"] == variant], key=lambda r: r["workers"])
+        if len(pts) < 2:
             continue
-        ks = [k for k, _ in pts]
-        mean = [100 * r["top1_error"] for _, r in pts]
-        err = [[100 * (r["top1_error"] - r["top1_error_min"]) for _, r in pts],
-               [100 * (r["top1_error_max"] - r["top1_error"]) for _, r in pts]]
-        ax_final.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=variant)
+        ks = [r["workers"] * (1 + 0.03 * (i - 1)) for r in pts]  # nudged apart so the bars do not overlap
+        mid, lo, hi = ([max(FLOOR, 100 * r[key]) for r in pts]
+                       for key in ("top1_error_median", "top1_error_min", "top1_error_max"))
+        ax_final.errorbar(ks, mid, yerr=[[m - v for m, v in zip(mid, lo)], [v - m for m, v in zip(mid, hi)]],
+                          marker="o", capsize=3, label=variant)
     ax_final.set_xscale("log", base=2)
+    ax_final.set_yscale("log")
     ax_final.set_xlabel("workers K (same epochs; global batch K*B)")
-    ax_final.set_ylabel("final test top-1 error (%)")
+    ax_final.set_ylabel("final test top-1 error (%, log): median, min-max over seeds")
     ax_final.grid(alpha=0.3)
     ax_final.legend(fontsize=8)
     fig.tight_layout()
