@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .argtypes import comma_choices, comma_ints
 from .config import DATA_PARALLEL_SYNCS, FC_BATCHES, SCHEMES, ConfigError, TrainConfig
 
 __all__ = [
@@ -672,38 +673,21 @@ def write(result: dict, out: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- the command
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _choices(allowed) -> callable:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(allowed)}; got {text!r}")
-        return items
-    return parse
-
-
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="time strategies x worker counts on synthetic data; bytes per step; optional shaped link",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012")
     p.add_argument("--image-size", type=int, default=None, help="default: the model's (32 or 224)")
     p.add_argument("--data", default="synthetic:1000", help="synthetic[:CLASSES] (images generated per index)")
-    p.add_argument("--strategies", type=_choices(("single", "independent", "data", "model", "hybrid")),
+    p.add_argument("--strategies", type=comma_choices(("single", "independent", "data", "model", "hybrid"), "strategy"),
                    default=["single", "data", "hybrid"],
                    help="comma-separated; single is the K=1 row every speedup is relative to; independent: K "
                         "one-worker processes that never communicate (barriers only): this machine's ceiling for K")
-    p.add_argument("--workers", type=_ints, default=[1, 2], help="comma-separated worker counts K")
+    p.add_argument("--workers", type=comma_ints, default=[1, 2], help="comma-separated worker counts K")
     p.add_argument("--batch", type=int, default=32, help="examples per worker per step (B)")
-    p.add_argument("--sync", type=_choices(DATA_PARALLEL_SYNCS), default=["ddp"], help="data parallelism: ddp,sharded")
-    p.add_argument("--scheme", type=_choices(SCHEMES), default=["b"], help="hybrid schemes: a,b,c")
-    p.add_argument("--fc-batch", type=_choices(FC_BATCHES), default=["full"], help="hybrid FC batch: full (K*B), worker (B)")
+    p.add_argument("--sync", type=comma_choices(DATA_PARALLEL_SYNCS, "--sync"), default=["ddp"], help="data parallelism: ddp,sharded")
+    p.add_argument("--scheme", type=comma_choices(SCHEMES, "scheme"), default=["b"], help="hybrid schemes: a,b,c")
+    p.add_argument("--fc-batch", type=comma_choices(FC_BATCHES, "--fc-batch"), default=["full"], help="hybrid FC batch: full (K*B), worker (B)")
     p.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (the 1-worker row uses the same)")

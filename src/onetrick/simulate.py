@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .argtypes import comma_ints
 from .distributed import tensor_parallel as _tp
 from .distributed.data_parallel import BUCKET_BYTES
 
@@ -833,10 +834,6 @@ def plot_sweep(rows: list[dict], path: Path, title: str, validation: list[dict] 
     return [path]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("simulate", help="cost model: predicted step time, speedup and bytes per strategy at K = 1..64",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -844,7 +841,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: the model's")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--batch", type=int, default=128, help="per worker (B)")
-    p.add_argument("--workers", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated K")
+    p.add_argument("--workers", type=comma_ints, default=[1, 2, 4, 8, 16, 32, 64], help="comma-separated K")
     p.add_argument("--strategies", default="single,data,model,hybrid",
                    help="comma-separated: single, data, model, hybrid (hybrid: every scheme and FC batch)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="this-cpu")

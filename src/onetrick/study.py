@@ -22,7 +22,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
+from .argtypes import comma_choices, comma_ints, positive_ints
+from .config import LR_SCALES, TrainConfig
 from .plot import new_figure, read_metrics
 from .recipe import lr_scale_factor
 
@@ -68,7 +69,7 @@ def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
     """Train one row (or reuse its finished run); return its summary."""
     from .train import train
 
-    cfg = row.config(base, out).validate()
+    cfg = row.config(base, out)  # validated by run_study before the first row, and by train()
     summary_path = Path(cfg.out) / "summary.json"
     if summary_path.is_file():
         done = json.loads(summary_path.read_text())
@@ -90,24 +91,25 @@ def _lrs(row: Row, base: TrainConfig) -> tuple[float, float]:
 
 def table_rows(rows: list[Row], summaries: dict[str, dict], base: TrainConfig) -> list[dict]:
     """One line per (K, variant): mean and spread over seeds."""
-    keyed: dict[tuple[int, str], list[dict]] = {}
+    groups: dict[tuple[int, str], list[Row]] = {}   # the seeds of one (K, variant)
     for row in rows:
-        keyed.setdefault((row.workers, row.variant), []).append(summaries[row.name])
-    single_wall = statistics.median(s["wall_s"] for s in keyed[(1, "single")])
+        groups.setdefault((row.workers, row.variant), []).append(row)
+    single_wall = statistics.median(summaries[r.name]["wall_s"] for r in groups[(1, "single")])
     lines = []
-    for (k, variant), runs in keyed.items():
-        row = Row(k, variant, 0)
+    for (k, variant), group in groups.items():
+        runs = [summaries[r.name] for r in group]
         top1 = [s["top1_error"] for s in runs]
         wall = statistics.median(s["wall_s"] for s in runs)
-        conv_lr, fc_lr = _lrs(row, base)
+        conv_lr, fc_lr = _lrs(group[0], base)
         lines.append({
-            "workers": k, "variant": variant, "batches": row.batches(base.batch), "conv_lr": conv_lr, "fc_lr": fc_lr,
+            "workers": k, "variant": variant, "batches": group[0].batches(base.batch), "conv_lr": conv_lr,
+            "fc_lr": fc_lr,
             "steps": runs[0]["steps"], "seeds": len(runs), "top1_error": statistics.mean(top1),
             "top1_error_median": statistics.median(top1), "top1_error_min": min(top1), "top1_error_max": max(top1),
             "top5_error": statistics.mean(s["top5_error"] for s in runs), "wall_s": wall,
             "time_ratio": single_wall / wall, "images_per_s": statistics.median(s["images_per_s"] for s in runs),
             "mb_per_step": statistics.mean(s["bytes_per_step_total"] for s in runs) / 1e6,
-            "runs": [row_.name for row_ in rows if (row_.workers, row_.variant) == (k, variant)],
+            "runs": [r.name for r in group],
         })
     return lines
 
@@ -186,45 +188,20 @@ def run_study(base: TrainConfig, workers: list[int], variants: list[str], seeds:
 
 
 # -- CLI ------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"worker counts and seeds must be positive, got {text!r}")
-    return values
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _variants(text: str) -> list[str]:
-    values = text.split(",")
-    unknown = [v for v in values if v not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    return values
-
-
 def add_parser(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("study", help="the paper's table in shape: final test error of 1 vs K workers, data vs hybrid",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=_ints, default="1,2,4,8", help="worker counts K (1 is always run)")
-    p.add_argument("--variants", type=_variants, default=",".join(VARIANTS),
+    p.add_argument("--workers", type=positive_ints, default="1,2,4,8", help="worker counts K (1 is always run)")
+    p.add_argument("--variants", type=comma_choices(VARIANTS, "variant"), default=",".join(VARIANTS),
                    help="data: synchronous data parallelism; hybrid-full: (K*B, K*B); hybrid-worker: (K*B, B)")
-    p.add_argument("--seeds", type=_seeds, default="0", help="one run per seed")
+    p.add_argument("--seeds", type=comma_ints, default="0", help="one run per seed")
     p.add_argument("--model", default=d.model)
     p.add_argument("--data", default=d.data)
     p.add_argument("--batch", type=int, default=16, help="B, examples per worker per step")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr, help="one worker's weight learning rate")
-    p.add_argument("--lr-scale", default="linear", help="conv lr for K workers (the paper's configs: linear)")
+    p.add_argument("--lr-scale", choices=LR_SCALES, default="linear", help="conv lr for K workers (the paper's configs: linear)")
     p.add_argument("--scheme", choices=("a", "b", "c"), default="b",
                    help="hybrid scheme (hybrid-worker needs b or c)")
     p.add_argument("--eval-every", type=int, default=20, help="test error every N steps (the curves)")
@@ -239,7 +216,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     import sys
 
     base = TrainConfig(model=args.model, data=args.data, batch=args.batch, epochs=args.epochs, lr=args.lr,
-                       lr_scale=args.lr_scale, scheme=None, threads=args.threads, device=args.device,
+                       lr_scale=args.lr_scale, threads=args.threads, device=args.device,
                        eval_every=args.eval_every, log_every=args.eval_every)
     base.validate()
     command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:])
