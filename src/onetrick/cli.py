@@ -82,6 +82,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--ckpt-every", type=int, default=D.ckpt_every)
     g.add_argument("--on-nan", choices=("stop", "skip"), default=D.on_nan, help="a non-finite loss stops training or skips the step")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--debug", action="store_true",
+                   help="print workers' full tracebacks (otherwise one line, and the traceback in RUN/error.log)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

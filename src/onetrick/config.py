@@ -6,6 +6,7 @@ kept its layer definitions apart from its layer parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class TrainConfig:
     on_nan: str = "stop"                    # stop | skip
     skip_corrupt: bool = False
     progress: bool = True
+    debug: bool = False                     # full tracebacks on the console instead of RUN/error.log
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -80,7 +82,26 @@ class TrainConfig:
         _check(self.batch >= 1, f"--batch must be at least 1 (got {self.batch})")
         _check(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         _check(self.epochs > 0, f"--epochs must be positive (got {self.epochs})")
-        _check(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
+        _check(math.isfinite(self.epochs), f"--epochs must be finite (got {self.epochs})")
+        _check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1) (got {self.momentum})")
+        _check(0.0 <= self.weight_decay < 1.0, f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
+        _check(0.0 <= self.bias_lr_mult <= 1e3, f"--bias-lr-mult must be in [0, 1000] (got {self.bias_lr_mult})")
+        _check(all(0.0 < d < 1.0 for d in self.lr_drops), f"--lr-drops must be fractions of training in (0, 1) (got {_csv(self.lr_drops)})")
+        _check(list(self.lr_drops) == sorted(self.lr_drops), f"--lr-drops must be increasing (got {_csv(self.lr_drops)})")
+        _check(0.0 < self.lr_drop_factor <= 1.0, f"--lr-drop-factor must be in (0, 1] (got {self.lr_drop_factor})")
+        _check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32) (got {self.seed})")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
+        for name in ("eval_every", "log_every", "ckpt_every"):
+            value = getattr(self, name)
+            _check(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        _check(0 < self.timeout_s < math.inf, f"--timeout must be a positive number of seconds (got {self.timeout_s})")
+        _check(self.max_restarts >= 0, f"--max-restarts must be at least 0 (got {self.max_restarts})")
+        _check(self.servers >= 1, f"--servers must be at least 1 (got {self.servers})")
+        _check(self.fetch_every >= 1, f"--fetch-every must be at least 1 (got {self.fetch_every})")
+        _check(self.push_every >= 1, f"--push-every must be at least 1 (got {self.push_every})")
+        if self.image_size is not None:
+            _check(8 <= self.image_size <= 4096, f"--image-size must be in [8, 4096] (got {self.image_size})")
         _check(self.workers >= 1, f"--workers must be at least 1 (got {self.workers})")
         _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
         _check(self.sync in DATA_PARALLEL_SYNCS, f"unknown --sync {self.sync!r}; choose ddp or sharded")
@@ -93,7 +114,9 @@ class TrainConfig:
         _check(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
         _check_data_spec(self.data)
         for item in self.lr_mult:
-            _check("=" in item and _is_float(item.split("=", 1)[1]), f"--lr-mult expects GLOB=NUMBER (got {item!r})")
+            glob, _, value = item.partition("=")
+            _check(bool(glob) and _is_float(value), f"--lr-mult expects GLOB=NUMBER (got {item!r})")
+            _check(0.0 <= float(value) < math.inf, f"--lr-mult needs a multiplier >= 0 (got {item!r})")
         if self.scheme is not None:
             _check(self.strategy == "hybrid", f"--scheme {self.scheme} needs --strategy hybrid (got --strategy {self.strategy})")
             _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b or c")
@@ -104,9 +127,6 @@ class TrainConfig:
             _check(self.workers == 1, f"--strategy single runs one worker (got --workers {self.workers}); pick data, model, hybrid, hogwild or paramserver")
         if self.strategy == "hybrid" and self.scheme == "c":
             _check(self.batch % self.workers == 0, f"--scheme c needs --batch divisible by --workers (got {self.batch} and {self.workers})")
-        if self.strategy == "paramserver":
-            _check(self.servers >= 1, f"--servers must be at least 1 (got {self.servers})")
-            _check(self.fetch_every >= 1 and self.push_every >= 1, "--fetch-every and --push-every must be at least 1")
         if self.device == "cuda":
             import torch
 
@@ -143,6 +163,10 @@ def _check_data_spec(spec: str) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _is_float(text: str) -> bool:

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, preflight
 from .config import TrainConfig
-from .data import DataBundle, build_data
+from .data import DataBundle, DataError, build_data
 from .distributed import parallelize
 from .distributed.runtime import Runtime, launch
 from .distributed.strategy import Strategy
@@ -35,6 +35,7 @@ class NonFiniteLoss(RuntimeError):
 def train(cfg: TrainConfig) -> dict:
     """Validate, launch the workers, return worker 0's summary. The CLI's ``train``."""
     cfg.validate()
+    preflight.check(cfg)
     if cfg.resume:
         checkpoint.check_compatible(cfg.out, cfg.model)
     if cfg.strategy == "hogwild":
@@ -84,6 +85,8 @@ def train_batches(data: DataBundle, cfg: TrainConfig, strategy: Strategy, start_
                             num_workers=data.loader_workers, persistent_workers=False,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch),
                             pin_memory=cfg.device == "cuda")
+        if len(loader) == 0 and skip == 0:  # never wait forever for a batch that cannot come
+            raise DataError(f"{data.name}: this worker's share of an epoch holds no batch of {cfg.batch}")
         for images, targets in loader:
             yield epoch, images, targets
         epoch, skip = epoch + 1, 0

@@ -7,24 +7,43 @@ joins the job torchrun made, unchanged, so the same command scales to many machi
 """
 from __future__ import annotations
 
+import ctypes
+import inspect
+import logging
 import os
+import signal
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from torch.multiprocessing.spawn import ProcessContext
 
 from ..config import TrainConfig
 
 
+PR_SET_PDEATHSIG = 1        # linux/prctl.h
+SHUTDOWN_GRACE_S = 2        # after a failure, seconds the others get to exit before SIGKILL (elastic's default: 30)
+HEARTBEAT_EVERY_S = 1.0
+
+
 class WorkerFailure(RuntimeError):
     """A worker died or timed out; the message names the worker and the error."""
+
+
+class PeerLost(RuntimeError):
+    """Raised on a worker whose collective failed because another worker went silent."""
 
 
 @dataclass
@@ -90,14 +109,131 @@ def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"onetrick/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+class Heartbeat:
+    """A counter each worker bumps every second in the job's store, from a thread of its
+    own (so a worker busy computing still beats; a dead, stopped or hung process does not).
+
+    When a collective fails, the failing worker asks which peers' counters stopped moving:
+    those are the workers that stopped answering. Counters, not clocks: no clock skew
+    between machines can fool it.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="onetrick-heartbeat", daemon=True)
+
+    @classmethod
+    def start(cls, rank: int, world: int) -> Heartbeat | None:
+        if world == 1 or "MASTER_ADDR" not in os.environ:
+            return None
+        try:
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timedelta(seconds=10))
+        except (RuntimeError, ValueError):
+            return None  # no heartbeat: failures are then named by the worker that saw them
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        beat = cls(dist.PrefixStore(f"onetrick/heartbeat_{attempt}", client), rank, world)
+        beat._thread.start()
+        return beat
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_EVERY_S):
+            try:
+                self.store.add(str(self.rank), 1)
+            except RuntimeError:
+                return
+
+    def _counts(self) -> list[int]:
+        keys = [str(r) for r in range(self.world)]
+        return [self.store.add(k, 0) if self.store.check([k]) else -1 for k in keys]
+
+    def silent_peers(self) -> list[int]:
+        """Ranks whose counter did not move over ``3 x HEARTBEAT_EVERY_S`` (this takes that long)."""
+        try:
+            before = self._counts()
+            time.sleep(3 * HEARTBEAT_EVERY_S)
+            after = self._counts()
+        except RuntimeError:
+            return []
+        return [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 @record
 def _entry(fn: Callable[..., Any], cfg: TrainConfig, *args: Any) -> Any:
-    rt = init_worker(cfg)
+    _die_with_launcher()
+    rank = int(os.environ.get("RANK", "0"))
+    _maybe_freeze(rank)
+    beat = Heartbeat.start(rank, int(os.environ.get("WORLD_SIZE", "1")))
     try:
-        return fn(rt, cfg, *args)
+        return fn(init_worker(cfg), cfg, *args)
+    except Exception as err:
+        lost = beat.silent_peers() if beat and _is_communication_error(err) else []
+        if lost:  # name the worker that stopped answering, not this victim of it
+            raise PeerLost(f"worker {', '.join(map(str, lost))} stopped answering (its heartbeat stopped; "
+                           f"worker {rank} saw: {_first_line(err)})") from None
+        raise
     finally:
+        if beat:
+            beat.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to SIGKILL this worker when its launcher dies, so that no worker
+    outlives it (a killed launcher would otherwise leave workers waiting on each other)."""
+    if not sys.platform.startswith("linux") or under_torchrun():
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before the request was made
+        os._exit(1)
+
+
+def _maybe_freeze(rank: int) -> None:
+    """Testing hook: ONETRICK_FREEZE_AT=SECONDS:RANK SIGSTOPs that worker SECONDS after it
+    starts, as a hung machine would (alive, silent, holding its peers in a collective)."""
+    spec = os.environ.get("ONETRICK_FREEZE_AT")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        seconds, _, who = spec.partition(":")
+        if rank == int(who or 0):
+            timer = threading.Timer(float(seconds), os.kill, (os.getpid(), signal.SIGSTOP))
+            timer.daemon = True
+            timer.start()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _is_communication_error(err: BaseException) -> bool:
+    backend_error = getattr(dist, "DistBackendError", RuntimeError)
+    text = str(err).lower()
+    return isinstance(err, backend_error) or any(w in text for w in ("timed out", "timeout", "connection", "gloo"))
+
+
+def _short_grace() -> None:
+    """When a worker fails, torch's process context gives each other worker 30 s to exit
+    after SIGTERM before SIGKILL; a stopped (SIGSTOP) or hung worker then holds the
+    failure back for all of that. Our workers write nothing at exit that a checkpoint has
+    not already made durable, so a few seconds are enough: make that the default grace."""
+    join = ProcessContext.join
+    if getattr(join, "onetrick_grace", False) or "grace_period" not in inspect.signature(join).parameters:
+        return
+
+    def _join(self, timeout=None, grace_period=None):
+        return join(self, timeout, SHUTDOWN_GRACE_S if grace_period is None else grace_period)
+
+    _join.onetrick_grace = True
+    ProcessContext.join = _join
 
 
 def launch(fn: Callable[..., Any], cfg: TrainConfig, *args: Any, nprocs: int | None = None) -> dict[int, Any]:
@@ -111,25 +247,65 @@ def launch(fn: Callable[..., Any], cfg: TrainConfig, *args: Any, nprocs: int | N
         return {int(os.environ["RANK"]): _entry(fn, cfg, *args)}
     if nprocs == 1:
         return {0: _entry(fn, cfg, *args)}
+    _short_grace()
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
         run_id=f"onetrick-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
+    # torch elastic logs each failed worker's whole traceback; one line is ours to print,
+    # the traceback goes to the run directory (or the console with --debug).
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.INFO if cfg.debug else logging.CRITICAL)
+    if not cfg.debug:  # c10d's own C++ warnings (socket timeouts) repeat what our one line says
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         return elastic_launch(config, _entry)(fn, cfg, *args)
     except ChildFailedError as err:
-        raise WorkerFailure(_describe(err)) from None
+        raise WorkerFailure(_describe(err) + _keep_traceback(err, cfg)) from None
+    except SignalException:  # Ctrl-C or SIGTERM to the launcher: the workers are already stopped
+        raise KeyboardInterrupt from None
 
 
 def _describe(err: ChildFailedError) -> str:
-    rank, failure = min(err.failures.items())
+    """One line naming the worker that caused the failure: one killed by a signal first,
+    else one whose peers report it silent, else the lowest rank that failed."""
+    reasons = {rank: _reason(failure) for rank, failure in err.failures.items()}
+    killed = [r for r, f in err.failures.items() if f.exitcode is not None and f.exitcode < 0]
+    rank = min(killed) if killed else min(reasons, key=lambda r: (PeerLost.__name__ in reasons[r], r))
+    reason = reasons[rank]
+    if PeerLost.__name__ in reason:
+        return reason.split(": ", 1)[1]
+    return f"worker {rank} failed: {reason}"
+
+
+def _reason(failure) -> str:
     message = failure.message
     if isinstance(message, dict):
         message = message.get("message", str(message))
     lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
-    reason = lines[-1] if lines else f"exit code {failure.exitcode}"
     if failure.exitcode is not None and failure.exitcode < 0 and not lines:
-        reason = f"killed by signal {-failure.exitcode}"
-    return f"worker {rank} failed: {reason}"
+        return f"killed by signal {-failure.exitcode}"
+    return lines[-1] if lines else f"exit code {failure.exitcode}"
+
+
+def _keep_traceback(err: ChildFailedError, cfg: TrainConfig) -> str:
+    """Write every failed worker's traceback to RUN/error.log; say where, in a few words."""
+    if cfg.debug:
+        return ""
+    out = Path(cfg.out)
+    if not out.is_dir():
+        return ""
+    parts = []
+    for rank, failure in sorted(err.failures.items()):
+        message = failure.message
+        if isinstance(message, dict):
+            stack = message.get("extraInfo", {}).get("py_callstack")
+            message = stack or message.get("message", str(message))
+        parts.append(f"--- worker {rank} (exit code {failure.exitcode})\n{message}\n")
+    try:
+        (out / "error.log").write_text("".join(parts))
+    except OSError:
+        return ""
+    return f" (traceback: {out / 'error.log'})"

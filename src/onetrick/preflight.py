@@ -1,0 +1,133 @@
+"""Checks that need the data or the model, run once in the launcher before any worker starts.
+
+``TrainConfig.validate`` checks each option on its own. What it cannot see is how the
+options meet the data and the model: a batch larger than the training set (zero steps
+per epoch: the loop would wait forever for a batch), an image size the network cannot
+take, a ``--lr-mult`` pattern that names no parameter, a run that cannot fit in this
+machine's memory or cores, a run directory that cannot be written. Each becomes one
+line here (:class:`~onetrick.config.ConfigError` or :class:`~onetrick.data.DataError`)
+instead of a traceback, or a hang, inside K workers.
+
+The model is built on PyTorch's ``meta`` device: shapes and parameter counts without
+memory or arithmetic, so a 100,000-class head costs nothing to check.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+# What one worker process costs before its model: interpreter, torch, gloo buffers.
+WORKER_BASE_BYTES = 400 * 2**20
+# Bytes per parameter a training worker holds: weights, gradients, momentum, and the
+# dense copy the sharded strategies build before slicing it.
+BYTES_PER_PARAM = 4 * 4
+# More workers than this per CPU core only queue for the cores (and gloo's threads).
+MAX_WORKERS_PER_CORE = 8
+
+
+def check(cfg: TrainConfig) -> None:
+    """Raise a one-line ConfigError/DataError if the run cannot work; return quietly if it can."""
+    check_run_directory(Path(cfg.out))
+    check_cores(cfg)
+    data = _data(cfg)
+    if data.num_classes < 2:
+        raise ConfigError(f"{data.name} has {data.num_classes} class; a classifier needs at least 2")
+    check_batch(cfg, len(data.train), data.name)
+    model = _meta_model(cfg, data.num_classes, data.in_channels)
+    check_image_size(model, cfg, data.in_channels, data.image_size)
+    check_lr_mult(model, cfg.lr_mult)
+    check_memory(cfg, sum(p.numel() for p in model.parameters()))
+
+
+def check_run_directory(out: Path) -> None:
+    """``--out`` must be a directory this process can create and write."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"lies under the file {parent}"
+                raise ConfigError(f"--out {out} {what}; give a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--out {out}: {parent} is not writable")
+            return
+
+
+def check_cores(cfg: TrainConfig) -> None:
+    from .distributed.runtime import under_torchrun
+
+    cores = os.cpu_count() or 1
+    limit = MAX_WORKERS_PER_CORE * cores
+    if cfg.device == "cpu" and not under_torchrun() and cfg.process_count > limit:
+        raise ConfigError(f"--workers {cfg.workers} is far beyond this machine's {cores} CPU cores (at most {limit} "
+                          f"processes here); spread them over machines with torchrun")
+
+
+def check_batch(cfg: TrainConfig, train_size: int, data_name: str) -> None:
+    """A step needs ``batch`` examples on each data-parallel worker: at least one full step per epoch."""
+    need = cfg.batch * cfg.data_parallel_degree
+    if need > train_size:
+        per = f" ({cfg.data_parallel_degree} workers x --batch {cfg.batch})" if cfg.data_parallel_degree > 1 else ""
+        raise ConfigError(f"a step needs {need} training examples{per} but {data_name} has {train_size}; "
+                          f"lower --batch")
+
+
+def check_image_size(model: torch.nn.Module, cfg: TrainConfig, channels: int, size: int) -> None:
+    """One example through the network on the meta device: the shapes must fit."""
+    x = torch.empty(1, channels, size, size, device="meta")
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--image-size {size} does not fit model {cfg.model!r} ({first})") from None
+
+
+def check_lr_mult(model: torch.nn.Module, patterns: list[str]) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    for item in patterns:
+        glob = item.split("=", 1)[0]
+        if not any(fnmatch.fnmatch(n, glob) for n in names):
+            raise ConfigError(f"--lr-mult {item!r} matches no parameter; names look like {names[0]!r}")
+
+
+def check_memory(cfg: TrainConfig, params: int) -> None:
+    """Refuse a run whose workers cannot fit in this machine's free memory."""
+    from .distributed.runtime import under_torchrun
+
+    available = _available_memory()
+    if available is None or cfg.device != "cpu":
+        return
+    local = 1 if under_torchrun() else cfg.process_count
+    need = local * (WORKER_BASE_BYTES + BYTES_PER_PARAM * params)
+    if need > available:
+        raise ConfigError(f"{local} worker(s) of model {cfg.model!r} ({params / 1e6:,.1f}M parameters) need about "
+                          f"{need / 2**30:,.1f} GiB; this machine has {available / 2**30:,.1f} GiB free")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _data(cfg: TrainConfig):
+    from .data import build_data
+    from .models import input_size
+
+    return build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
+                      skip_corrupt=cfg.skip_corrupt)
+
+
+def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:
+    from .models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg.model, num_classes=classes, in_channels=channels, dropout=cfg.dropout)
