@@ -149,3 +149,61 @@ def test_bad_train_input_is_one_line_before_any_worker(args, message, files, cap
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message.format(tmp=files) in lines[0], lines
+
+
+# -- reading a run back: eval, export, plot ------------------------------------------
+BAD_READ_INPUT = [
+    (["eval", "{tmp}/nowhere"], "no checkpoint in"),
+    (["eval", "{run}", "--data", "synthetic:7"], "does not fit 'smallnet' on synthetic:7"),
+    (["eval", "{run}", "--views", "3"], "invalid choice: 3"),
+    (["eval", "{garbage_meta}"], "meta.json (JSONDecodeError)"),
+    (["eval", "{meta_without_model}"], "lacks model: not a onetrick checkpoint"),
+    (["eval", "{garbage_summary}"], "not a onetrick summary"),
+    (["export", "{run}", "-o", "{tmp}/missing/model.pt"], "folder {tmp}/missing does not exist"),
+    (["export", "{run}", "-o", "{tmp}"], "is a directory; give a file name"),
+    (["export", "{tmp}/nowhere"], "no checkpoint in"),
+    (["plot", "{run}", "-o", "{tmp}/a_file"], "is a file; plot writes PNG files into a folder"),
+    (["plot", "{tmp}/nowhere", "-o", "{tmp}/plots"], "no metrics.jsonl in run directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One real two-step run, and copies of it with a damaged meta.json or summary.json."""
+    import json
+    import shutil
+
+    from cli_helpers import FAST, onetrick
+
+    tmp = tmp_path_factory.mktemp("runs")
+    run = tmp / "run"
+    result = onetrick("train", "--steps", "2", "--out", run, *FAST)
+    assert result.returncode == 0, result.stderr
+    (tmp / "a_file").write_text("not a directory")
+    out = {"tmp": tmp, "run": run}
+    for name, damage in (("garbage_meta", lambda p: _meta(p).write_text("{not json")),
+                         ("meta_without_model", lambda p: _meta(p).write_text(json.dumps({"step": 2}))),
+                         ("garbage_summary", lambda p: (p / "summary.json").write_text("[1, 2"))):
+        shutil.copytree(run, tmp / name)
+        damage(tmp / name)
+        out[name] = tmp / name
+    return out
+
+
+def _meta(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step_*"))[-1] / "meta.json"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("args,message", BAD_READ_INPUT, ids=[" ".join(a) for a, _ in BAD_READ_INPUT])
+def test_bad_read_input_is_one_line(args, message, runs, capsys):
+    from onetrick import cli
+
+    args = [a.format(**runs) for a in args]
+    try:
+        code = cli.main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message.format(**runs) in lines[0], lines

@@ -82,7 +82,15 @@ def candidates(run_dir: Path) -> list[Path]:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    """A checkpoint's meta.json; CheckpointError (one line) if it is not what we wrote."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"unreadable {path / 'meta.json'} ({type(err).__name__})") from None
+    missing = [k for k in ("model", "step") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path / 'meta.json'} lacks {', '.join(missing)}: not a onetrick checkpoint")
+    return meta
 
 
 def latest_meta(run_dir: Path) -> dict | None:

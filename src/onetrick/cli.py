@@ -148,6 +148,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_curves, plot_filters
 
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out} is a file; plot writes PNG files into a folder")
     out.mkdir(parents=True, exist_ok=True)
     written = [plot_curves([Path(r) for r in args.runs], out / "curves.png")]
     if not args.no_filters:
@@ -197,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, WorkerFailure, NonFiniteLoss, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, WorkerFailure, NonFiniteLoss) as err:
         print(f"onetrick: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the user gave that cannot be read or written
+        where = f": {err.filename}" if err.filename else ""
+        print(f"onetrick: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onetrick: interrupted; resume with --resume", file=sys.stderr)

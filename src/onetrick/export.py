@@ -37,7 +37,12 @@ def full_state(run: Path) -> dict[str, torch.Tensor]:
 
 def export_run(run: Path, output: Path | None = None) -> Path:
     """Write ``{param: tensor}`` loadable by ``build_model(...).load_state_dict``."""
-    output = output or Path(run) / "model.pt"
+    _latest(run)  # a missing run is the first thing to say
+    output = Path(output or Path(run) / "model.pt")
+    if output.is_dir():
+        raise checkpoint.CheckpointError(f"-o {output} is a directory; give a file name")
+    if not output.parent.is_dir():
+        raise checkpoint.CheckpointError(f"-o {output}: folder {output.parent} does not exist")
     torch.save(full_state(run), output)
     return output
 
@@ -46,8 +51,11 @@ def run_config(run: Path) -> TrainConfig:
     summary = Path(run) / "summary.json"
     meta = checkpoint.read_meta(_latest(run))
     if summary.exists():
-        saved = json.loads(summary.read_text())["config"]
-        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        try:
+            saved = json.loads(summary.read_text())["config"]
+            fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise checkpoint.CheckpointError(f"unreadable {summary}: not a onetrick summary") from None
         fields["out"] = Path(fields.get("out", run))
         fields["lr_drops"] = tuple(fields.get("lr_drops", ()))
         return TrainConfig(**fields)
@@ -67,7 +75,12 @@ def evaluate_run(run: Path, views: int = 1, data: str | None = None) -> dict:
         cfg = cfg.replace(data=data)
     bundle = build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed)
     model = build_model(cfg.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels, dropout=cfg.dropout)
-    model.load_state_dict(full_state(run))
+    try:
+        model.load_state_dict(full_state(run))
+    except RuntimeError:
+        raise checkpoint.CheckpointError(f"the checkpoint in {run} does not fit {cfg.model!r} on {bundle.name} "
+                                         f"({bundle.num_classes} classes, {bundle.in_channels} channel(s)); "
+                                         "was it trained on other data?") from None
     strategy = SingleStrategy(model, cfg, Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"), mesh=None))
     return evaluate(strategy, bundle, cfg)
 
