@@ -12,16 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from onetrick.bench import COLUMNS, expand_jobs, resolve_link
 from onetrick.config import TrainConfig
 from onetrick.distributed import parallelize
 from onetrick.distributed.runtime import launch
 from onetrick.models import TrunkHeadNet, fc_head
-from onetrick.netlink import NetnsError, ShapedNetwork, netns_available
-from onetrick.simulate import STRATEGY_VARIANTS, _model_blocks, describe, step_bytes
+from onetrick.perf.blocks import describe, model_blocks
+from onetrick.perf.costmodel import STRATEGY_VARIANTS, Variant, step_bytes
+from onetrick.perf.netlink import NetnsError, ShapedNetwork, netns_available
+from onetrick.perf.report import COLUMNS
+from onetrick.perf.runner import expand_jobs, resolve_link
 
 B, IMAGE = 8, 16
-VARIANTS = [{"strategy": s, "sync": sy or "ddp", "scheme": sc, "fc_batch": fb} for s, sy, sc, fb in STRATEGY_VARIANTS if s != "single"]
+VARIANTS = [v for v in STRATEGY_VARIANTS if v.strategy != "single"]
 
 
 def tiny() -> TrunkHeadNet:
@@ -31,10 +33,11 @@ def tiny() -> TrunkHeadNet:
     return TrunkHeadNet(trunk, fc_head(8 * 4 * 4, (50, 30), 10, dropout=0.0))
 
 
-def measured_bytes(rt, cfg, variants: list[dict]) -> list[dict]:
+def measured_bytes(rt, cfg, variants: list[Variant]) -> list[dict]:
     """One step of each variant on the tiny model; the bytes this worker's Comm counted."""
     out = []
-    for changes in variants:
+    for v in variants:
+        changes = {"strategy": v.strategy, "sync": v.sync or "ddp", "scheme": v.scheme, "fc_batch": v.fc_batch}
         strategy = parallelize(tiny(), cfg.replace(**changes), rt)
         g = torch.Generator().manual_seed(rt.rank)
         strategy.comm.take()
@@ -55,12 +58,11 @@ def test_simulated_bytes_equal_bytes_the_strategies_send():
     cfg = TrainConfig(workers=k, threads=1, timeout_s=60, dropout=0.0)
     got = launch(measured_bytes, cfg, VARIANTS, nprocs=k)
     blocks = describe(tiny(), IMAGE)
-    for changes, sent0, sent1 in zip(VARIANTS, got[0], got[1]):
-        want = step_bytes(blocks, changes["strategy"], k, B, sync=changes["sync"], scheme=changes["scheme"],
-                          fc_batch=changes["fc_batch"])
+    for variant, sent0, sent1 in zip(VARIANTS, got[0], got[1]):
+        want = step_bytes(blocks, variant, k, B)
         for rank, sent in enumerate((sent0, sent1)):
             sent = {t: n for t, n in sent.items() if n}
-            assert sent == want, f"{changes} rank {rank}"
+            assert sent == want, f"{variant.label} rank {rank}"
 
 
 @pytest.mark.timeout(150)
@@ -85,7 +87,7 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
     assert 0.0 <= hyb["hidden"] <= 1.0
     assert result["link"]["measured_mbps"] > 0 and result["baseline"]["torch_loop_step_ms"] > 0
     # the simulator's bytes for the same configuration are the bytes the bench measured
-    want = step_bytes(_model_blocks("smallnet", 1000, 32), "hybrid", 2, 4, scheme="b")
+    want = step_bytes(model_blocks("smallnet", 1000, 32), Variant("hybrid", scheme="b"), 2, 4)
     assert {t: int(n) for t, n in hyb["bytes"].items()} == want
 
 
