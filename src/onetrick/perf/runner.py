@@ -147,6 +147,8 @@ def _worker_main(spec_path: str) -> int:
 
 @dataclasses.dataclass
 class Job:
+    """One configuration to time: a strategy (or ``independent``) at K workers."""
+
     strategy: str
     workers: int
     sync: str | None = None
@@ -163,6 +165,8 @@ class Job:
 
 def expand_jobs(strategies: list[str], workers: list[int], syncs: list[str], schemes: list[str],
                 fc_batches: list[str], baseline: bool = True) -> list[Job]:
+    """The jobs of a bench run: ``single`` at K=1 (with the plain PyTorch ``baseline``),
+    every strategy x variant at every other K."""
     for s in strategies:
         if s not in ("single", "independent", "data", "model", "hybrid"):
             raise ConfigError(f"bench times single, independent, data, model and hybrid (got {s!r}); "
@@ -212,6 +216,9 @@ def resolve_link(value: str | None, gflops: float) -> tuple[float | None, str]:
 
 
 def run_bench(args: argparse.Namespace, log=print) -> dict:
+    """Run every job of ``args`` (``onetrick bench``'s options) ``args.rounds`` times,
+    interleaved, locally or over a shaped network; return the result dict (machine,
+    link, one row per configuration) that :mod:`onetrick.perf.report` writes."""
     from ..models import input_size
 
     image = args.image_size or input_size(args.model)
