@@ -37,6 +37,7 @@ from .schedule import ACT_TAG, HEAD_TAG, Schedule, WorkerClock, walk_step
 __all__ = ["ACT_TAG", "HEAD_TAG", "STRATEGY_VARIANTS", "Link", "StepResult", "Variant", "images_per_step",
            "predict", "step_bytes", "sweep", "variant_label"]
 
+
 def variant_label(strategy: str, sync: str | None = None, scheme: str | None = None, fc_batch: str = "full") -> str:
     """The row label bench and simulate print: ``data/ddp``, ``hybrid/b/fc-B``, ``model``..."""
     if strategy == "data":
