@@ -12,16 +12,19 @@ import pytest
 import torch
 from torch import nn
 
-from onetrick.bench import COLUMNS, expand_jobs, resolve_link
 from onetrick.config import TrainConfig
 from onetrick.distributed import parallelize
 from onetrick.distributed.runtime import launch
 from onetrick.models import TrunkHeadNet, fc_head
-from onetrick.netlink import NetnsError, ShapedNetwork, netns_available
-from onetrick.simulate import STRATEGY_VARIANTS, _model_blocks, describe, step_bytes
+from onetrick.perf.blocks import describe, model_blocks
+from onetrick.perf.costmodel import STRATEGY_VARIANTS, Link, Variant, predict, step_bytes
+from onetrick.perf.costs import FlopCosts, ZeroCosts
+from onetrick.perf.netlink import NetnsError, ShapedNetwork, netns_available
+from onetrick.perf.report import COLUMNS
+from onetrick.perf.runner import expand_jobs, resolve_link
 
 B, IMAGE = 8, 16
-VARIANTS = [{"strategy": s, "sync": sy or "ddp", "scheme": sc, "fc_batch": fb} for s, sy, sc, fb in STRATEGY_VARIANTS if s != "single"]
+VARIANTS = [v for v in STRATEGY_VARIANTS if v.strategy != "single"]
 
 
 def tiny() -> TrunkHeadNet:
@@ -31,15 +34,20 @@ def tiny() -> TrunkHeadNet:
     return TrunkHeadNet(trunk, fc_head(8 * 4 * 4, (50, 30), 10, dropout=0.0))
 
 
-def measured_bytes(rt, cfg, variants: list[dict]) -> list[dict]:
-    """One step of each variant on the tiny model; the bytes this worker's Comm counted."""
+def measured_bytes(rt, cfg, variants: list[Variant]) -> list[tuple[dict, dict]]:
+    """One step of each variant on the tiny model; the bytes (by tag) and the collectives
+    (by op) this worker's Comm counted."""
     out = []
-    for changes in variants:
+    for v in variants:
+        changes = {"strategy": v.strategy, "sync": v.sync or "ddp", "scheme": v.scheme, "fc_batch": v.fc_batch}
         strategy = parallelize(tiny(), cfg.replace(**changes), rt)
         g = torch.Generator().manual_seed(rt.rank)
         strategy.comm.take()
         strategy.train_step(torch.randn(B, 3, IMAGE, IMAGE, generator=g), torch.randint(0, 10, (B,), generator=g))
-        out.append(strategy.comm.take()["bytes"])
+        ops: dict[str, int] = {}
+        for call, n in strategy.comm.calls.items():
+            ops[call.split("/")[-1]] = ops.get(call.split("/")[-1], 0) + n
+        out.append((strategy.comm.take()["bytes"], ops))
     return out
 
 
@@ -50,17 +58,18 @@ def run_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(120)
-def test_simulated_bytes_equal_bytes_the_strategies_send():
+def test_simulated_bytes_and_collectives_equal_what_the_strategies_send():
     k = 2
     cfg = TrainConfig(workers=k, threads=1, timeout_s=60, dropout=0.0)
     got = launch(measured_bytes, cfg, VARIANTS, nprocs=k)
     blocks = describe(tiny(), IMAGE)
-    for changes, sent0, sent1 in zip(VARIANTS, got[0], got[1]):
-        want = step_bytes(blocks, changes["strategy"], k, B, sync=changes["sync"], scheme=changes["scheme"],
-                          fc_batch=changes["fc_batch"])
-        for rank, sent in enumerate((sent0, sent1)):
+    for variant, res0, res1 in zip(VARIANTS, got[0], got[1]):
+        want = predict(blocks, ZeroCosts(), variant, k, B)
+        assert want.bytes == step_bytes(blocks, variant, k, B)
+        for rank, (sent, ops) in enumerate((res0, res1)):
             sent = {t: n for t, n in sent.items() if n}
-            assert sent == want, f"{changes} rank {rank}"
+            assert sent == want.bytes, f"{variant.label} rank {rank}"
+            assert ops == want.collectives, f"{variant.label} rank {rank}"
 
 
 @pytest.mark.timeout(150)
@@ -85,7 +94,7 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
     assert 0.0 <= hyb["hidden"] <= 1.0
     assert result["link"]["measured_mbps"] > 0 and result["baseline"]["torch_loop_step_ms"] > 0
     # the simulator's bytes for the same configuration are the bytes the bench measured
-    want = step_bytes(_model_blocks("smallnet", 1000, 32), "hybrid", 2, 4, scheme="b")
+    want = step_bytes(model_blocks("smallnet", 1000, 32), Variant("hybrid", scheme="b"), 2, 4)
     assert {t: int(n) for t, n in hyb["bytes"].items()} == want
 
 
@@ -143,3 +152,30 @@ def test_bench_over_a_shaped_link_in_network_namespaces(tmp_path):
     assert row["label"] == "data/ddp" and row["bytes_weights"] > 30e6
     assert row["step_ms"] > row["bytes_weights"] * 8 / 200e6 * 1e3 * 0.8   # 34 MB cannot cross 200 Mbit/s faster
     assert set(_our_namespaces()) <= before                    # every namespace it made is gone
+
+
+def test_predict_with_free_compute_is_the_collectives_fixed_costs_in_a_row():
+    """Zero compute and a link of only fixed costs (100 us per collective): every
+    collective is waited for, one after another on the FIFO link, so the step is the
+    collective count x 100 us, all of it exposed."""
+    blocks = describe(tiny(), IMAGE)
+    for variant in VARIANTS:
+        r = predict(blocks, ZeroCosts(), variant, 4, B, Link(gbps=None, latency_us=0.0, collective_us=100.0))
+        count = sum(r.collectives.values())
+        assert count >= r.blocking >= 1, variant.label
+        assert r.step_s == pytest.approx(count * 1e-4) and r.exposed_s == pytest.approx(r.step_s), variant.label
+        assert r.as_dict()["bytes_total"] == r.bytes_total == sum(r.bytes.values())
+    # scheme (b) at K=4: one broadcast and one reduce per round, the labels gathered once
+    hyb = predict(blocks, ZeroCosts(), Variant("hybrid", scheme="b"), 4, B)
+    assert hyb.collectives["broadcast"] == 4 and hyb.collectives["reduce"] == 4
+    # with compute, the next round's broadcast travels during this round's head: part is hidden
+    slow_link = Link(gbps=0.05, latency_us=10.0)
+    timed = predict(blocks, FlopCosts(blocks, 1e9, 1.0, 10.0), Variant("hybrid", scheme="b"), 4, B, slow_link)
+    assert 0.0 < timed.exposed_s < timed.comm_s and 0.0 < timed.hidden < 1.0
+
+
+def test_link_from_a_bench_result():
+    measured = {"measured_mbps": 2340.0, "latency_us": 180.0, "collective_us": {"all_reduce": 400.0, "all_gather": 500.0}}
+    assert Link.from_measured(measured) == Link(2.34, 0.0, 450.0)   # the tiny collective's time includes latency
+    assert Link.from_measured({"measured_mbps": 2340.0, "latency_us": 180.0}) == Link(2.34, 180.0, 0.0)
+    assert Link.from_measured({}) == Link(None, 0.0, 0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -23,6 +24,20 @@ from .config import (
 D = TrainConfig()
 ASYNC_MOMENTUM = 0.5
 
+#: Every subcommand, in ``onetrick --help`` order: its name -> ``"module[:function]"``
+#: (relative to the onetrick package; the function defaults to ``add_parser``), which is
+#: called with argparse's subparsers, defines that command and sets its ``func``.
+#: Adding a command is one line here.
+COMMANDS: dict[str, str] = {
+    "train": ".cli:add_train_parser",
+    "eval": ".cli:add_eval_parser",
+    "export": ".cli:add_export_parser",
+    "plot": ".cli:add_plot_parser",
+    "study": ".study",
+    "bench": ".perf.bench",
+    "simulate": ".perf.simulate",
+}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem."""
@@ -31,7 +46,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _train_parser(sub) -> None:
+def add_train_parser(sub) -> None:
+    """Define ``onetrick train``."""
     p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
@@ -84,6 +100,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--debug", action="store_true",
                    help="print workers' full tracebacks (otherwise one line, and the traceback in RUN/error.log)")
+    p.set_defaults(func=cmd_train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -158,40 +175,54 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="onetrick", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+def add_eval_parser(sub) -> None:
+    """Define ``onetrick eval``."""
     p = sub.add_parser("eval", help="test error of a run's newest checkpoint")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--views", type=int, choices=(1, 10), default=1)
     p.add_argument("--data", default=None, help="data spec (default: the run's)")
     p.set_defaults(func=cmd_eval)
+
+
+def add_export_parser(sub) -> None:
+    """Define ``onetrick export``."""
     p = sub.add_parser("export", help="write a run's newest checkpoint as one plain state_dict file")
     p.add_argument("run", type=Path)
     p.add_argument("-o", "--output", type=Path, default=None, help="default: RUN/model.pt")
     p.set_defaults(func=cmd_export)
+
+
+def add_plot_parser(sub) -> None:
+    """Define ``onetrick plot``."""
     p = sub.add_parser("plot", help="error curves of runs and first-layer filters (PNG)")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("-o", "--output", default="plots", help="output folder")
     p.add_argument("--no-filters", action="store_true")
     p.set_defaults(func=cmd_plot)
-    from .study import add_parser as add_study_parser
 
-    add_study_parser(sub)
-    try:
-        from .bench import add_parsers
-        add_parsers(sub)
-    except ImportError:
-        pass
+
+def _definer(spec: str):
+    """The function a :data:`COMMANDS` entry names (this module is not imported twice
+    when it runs as ``python -m onetrick.cli``)."""
+    module, _, function = spec.partition(":")
+    mod = sys.modules[__name__] if module == ".cli" else importlib.import_module(module, "onetrick")
+    return getattr(mod, function or "add_parser")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``onetrick`` parser with every command of :data:`COMMANDS`."""
+    parser = OneLineParser(prog="onetrick", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, spec in COMMANDS.items():
+        _definer(spec)(sub)
+        if name not in sub.choices:
+            raise RuntimeError(f"{spec} does not define the command {name!r}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        args.func = cmd_train
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed.runtime import WorkerFailure

@@ -1,0 +1,70 @@
+"""``onetrick bench``: its arguments and its command (the work is in
+:mod:`onetrick.perf.runner`, the tables in :mod:`onetrick.perf.report`)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..argtypes import comma_choices, comma_ints
+from ..config import DATA_PARALLEL_SYNCS, FC_BATCHES, SCHEMES, ConfigError
+from .report import bench_report, write_bench
+from .runner import run_bench
+
+__all__ = ["add_parser", "cmd_bench"]
+
+
+def add_parser(sub) -> None:
+    """Define ``onetrick bench`` on the subparsers ``sub``."""
+    p = sub.add_parser("bench", help="time strategies x worker counts on synthetic data; bytes per step; optional shaped link",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's (32 or 224)")
+    p.add_argument("--data", default="synthetic:1000", help="synthetic[:CLASSES] (images generated per index)")
+    p.add_argument("--strategies", type=comma_choices(("single", "independent", "data", "model", "hybrid"), "strategy"),
+                   default=["single", "data", "hybrid"],
+                   help="comma-separated; single is the K=1 row every speedup is relative to; independent: K "
+                        "one-worker processes that never communicate (barriers only): this machine's ceiling for K")
+    p.add_argument("--workers", type=comma_ints, default=[1, 2], help="comma-separated worker counts K")
+    p.add_argument("--batch", type=int, default=32, help="examples per worker per step (B)")
+    p.add_argument("--sync", type=comma_choices(DATA_PARALLEL_SYNCS, "--sync"), default=["ddp"], help="data parallelism: ddp,sharded")
+    p.add_argument("--scheme", type=comma_choices(SCHEMES, "scheme"), default=["b"], help="hybrid schemes: a,b,c")
+    p.add_argument("--fc-batch", type=comma_choices(FC_BATCHES, "--fc-batch"), default=["full"], help="hybrid FC batch: full (K*B), worker (B)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (the 1-worker row uses the same)")
+    p.add_argument("--link-mbps", default=None,
+                   help="run the workers as hosts in network namespaces on links shaped to N Mbit/s (needs root); "
+                        "'paper' = this CPU's matmul FLOP/s at the paper's ~167 FLOP per byte")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, interleaved; report the fastest of the rounds in "
+                        "which other processes used least CPU (all rounds are kept in the JSON)")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                   help="before each configuration wait up to S seconds for other processes to use < 0.3 cores")
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop in the one-worker job")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the bench, print the report, write OUT.md/.json/.png."""
+    from .netlink import NetnsError
+
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rounds < 1:
+        raise ConfigError("--steps, --batch and --rounds must be at least 1, --warmup at least 0")
+    try:
+        result = run_bench(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except NetnsError as err:
+        print(f"onetrick: error: {err}", file=sys.stderr)
+        return 2
+    argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("onetrick", "cli.py")) else None
+    result["command"] = ("onetrick " + shlex.join(argv)) if argv and argv[0] == "bench" else None
+    print(bench_report(result))
+    if args.out:
+        written = write_bench(result, args.out)
+        print("wrote " + ", ".join(str(w) for w in written))
+    return 0

@@ -1,0 +1,173 @@
+"""A cost model of one training step of every synchronous strategy: no printing, no argparse.
+
+The entry point is :func:`predict`::
+
+    predict(blocks, costs, Variant("hybrid", scheme="b"), k=8, batch=128,
+            link=Link(gbps=48, latency_us=10)) -> StepResult
+
+``blocks`` come from :func:`~onetrick.perf.blocks.describe`, ``costs`` from
+:mod:`onetrick.perf.costs`; the :class:`StepResult` holds the predicted step seconds
+(compute, communication, the exposed part), the bytes one worker sends by tag (exactly
+as :class:`~onetrick.distributed.comm.Comm` counts them) and the collectives per step by op.
+
+How: the step is walked in program order, issuing the collectives the strategy issues
+(same sizes, same async/sync, same order). Each worker has one full-duplex link: a
+collective occupies it for ``collective_us + latency x messages + bytes / bandwidth``
+(bytes per worker as comm.py documents; messages K-1 for one ring pass, 2(K-1) for an
+all-reduce), in issue order. An asynchronous collective runs while the worker computes;
+waiting for one, or running a synchronous one, is *exposed* time. That is how scheme
+(b)'s overlap appears (round j+1's broadcast travels during round j's compute), and DDP's
+(gradient buckets all-reduced during the rest of backward). ``slow`` multiplies every
+compute time (K workers sharing cores or memory bandwidth).
+
+All workers are assumed identical (the slowest shard, ``ceil(n/K)`` neurons, is
+simulated), so stragglers, the CPU time communication itself costs, and Python overheads
+between layers are not modelled.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .blocks import Block
+from .costs import CostProvider, ZeroCosts
+from .schedule import ACT_TAG, HEAD_TAG, Schedule, WorkerClock, walk_step
+
+__all__ = ["ACT_TAG", "HEAD_TAG", "STRATEGY_VARIANTS", "Link", "StepResult", "Variant", "images_per_step",
+           "predict", "step_bytes", "sweep", "variant_label"]
+
+
+def variant_label(strategy: str, sync: str | None = None, scheme: str | None = None, fc_batch: str = "full") -> str:
+    """The row label bench and simulate print: ``data/ddp``, ``hybrid/b/fc-B``, ``model``..."""
+    if strategy == "data":
+        return f"data/{sync or 'ddp'}"
+    if strategy == "hybrid":
+        return f"hybrid/{scheme or 'b'}" + ("/fc-B" if fc_batch == "worker" else "")
+    return strategy
+
+
+class Variant(NamedTuple):
+    """One way to run a step: strategy, data-parallel sync, hybrid scheme, FC batch
+    (``full`` = K*B, ``worker`` = B per round). A tuple, so it unpacks as one."""
+
+    strategy: str
+    sync: str | None = None
+    scheme: str | None = None
+    fc_batch: str = "full"
+
+    @property
+    def label(self) -> str:
+        return variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
+
+
+#: strategy variants the simulator knows
+STRATEGY_VARIANTS = [
+    Variant("single"),
+    Variant("data", "ddp"),
+    Variant("data", "sharded"),
+    Variant("model"),
+    Variant("hybrid", None, "a"),
+    Variant("hybrid", None, "b"),
+    Variant("hybrid", None, "b", "worker"),
+    Variant("hybrid", None, "c"),
+    Variant("hybrid", None, "c", "worker"),
+]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One worker's full-duplex link: bandwidth (None: unlimited), latency per message,
+    and the fixed software cost every collective pays whatever its size."""
+
+    gbps: float | None = None
+    latency_us: float = 0.0
+    collective_us: float = 0.0
+
+    @classmethod
+    def from_measured(cls, link: dict) -> Link:
+        """From a bench result's ``link`` (the probe's ``measured_mbps``, ``latency_us``
+        and ``collective_us`` per op). The timed tiny collective already includes the
+        latency, so where it was measured it replaces latency x messages."""
+        gbps = (link.get("measured_mbps") or 0) / 1e3 or None
+        coll = link.get("collective_us")
+        if coll:
+            return cls(gbps, 0.0, statistics.mean(coll.values()))
+        return cls(gbps, link.get("latency_us") or 0.0, 0.0)
+
+
+@dataclass
+class StepResult:
+    """One predicted step of one worker. Seconds: ``step_s`` (wall), ``compute_s``,
+    ``comm_s`` (link busy), ``exposed_s`` (waited for); ``hidden`` = the share of
+    ``comm_s`` not exposed (None without communication); ``bytes`` sent by tag;
+    ``collectives`` issued by op; ``blocking``: how many of them the worker waited on
+    at once (synchronous ones, each paying its fixed cost in the open)."""
+
+    step_s: float
+    compute_s: float
+    comm_s: float
+    exposed_s: float
+    hidden: float | None
+    bytes: dict[str, int]
+    collectives: dict[str, int] = field(default_factory=dict)
+    blocking: int = 0
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(self.bytes.values())
+
+    def as_dict(self) -> dict:
+        """The timing and byte fields, as the simulator's JSON rows hold them."""
+        return {"step_s": self.step_s, "compute_s": self.compute_s, "comm_s": self.comm_s, "exposed_s": self.exposed_s,
+                "hidden": self.hidden, "bytes": dict(self.bytes), "bytes_total": self.bytes_total}
+
+
+def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, batch: int, link: Link = Link(),
+            slow: float = 1.0) -> StepResult:
+    """One step of one worker of ``variant`` at ``k`` workers and ``batch`` examples per
+    worker, over ``link``; ``slow`` multiplies every compute time. Raises ValueError for
+    what is not modelled (tower-parallel model parallelism, an unknown strategy)."""
+    plan = Schedule(blocks, costs, k)
+    bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
+    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6)
+    w.compute(costs.overhead(batch))
+    walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
+    comm = w.comm_s
+    return StepResult(w.t, w.compute_s, comm, w.exposed_s, (1.0 - min(1.0, w.exposed_s / comm)) if comm > 0 else None,
+                      dict(w.bytes), dict(w.collectives), w.blocking)
+
+
+def step_bytes(blocks: list[Block], variant: Variant, k: int, batch: int) -> dict[str, int]:
+    """Bytes one worker sends per step, by tag, as the strategy's Comm counts them."""
+    return predict(blocks, ZeroCosts(), variant, k, batch).bytes
+
+
+def images_per_step(strategy: str, k: int, batch: int) -> int:
+    """Images one step consumes: B for single and model parallelism (every worker sees
+    the same B), K*B for data parallelism and the hybrid."""
+    return batch if strategy in ("single", "model") else k * batch
+
+
+def sweep(blocks: list[Block], costs: CostProvider, workers: list[int], batch: int, variants: list[Variant],
+          link: Link = Link(), cores: int | None = None, threads: int = 1) -> list[dict]:
+    """Every variant at every K (``single`` at K=1 only): one row per prediction, with
+    images/s, the speedup over one worker and the efficiency. With ``cores``, K workers
+    of ``threads`` threads time-share that many cores. Unmodelled cases are left out."""
+    base = predict(blocks, costs, Variant("single"), 1, batch)
+    rows = []
+    for k in workers:
+        for v in variants:
+            if (v.strategy == "single") != (k == 1):
+                continue
+            slow = max(1.0, k * threads / cores) if cores else 1.0
+            try:
+                r = predict(blocks, costs, v, k, batch, link, slow)
+            except ValueError:   # e.g. more workers than neurons in a layer
+                continue
+            ips = images_per_step(v.strategy, k, batch) / r.step_s
+            speedup = ips / (batch / base.step_s)
+            rows.append({"label": v.label, "strategy": v.strategy, "sync": v.sync, "scheme": v.scheme,
+                         "fc_batch": v.fc_batch, "workers": k, **r.as_dict(), "images_per_s": ips,
+                         "speedup": speedup, "efficiency": speedup / k})
+    return rows

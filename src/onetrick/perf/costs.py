@@ -1,0 +1,191 @@
+"""Compute costs of the blocks, the cost model's first input.
+
+A cost provider answers four questions, in seconds, for one worker:
+
+* ``trunk(i, rows)``: forward and backward of trunk block ``i`` on ``rows`` examples;
+* ``head(j, rows, width)``: forward and backward of head block ``j``'s ``Linear`` (and the
+  layers after it) with ``width`` output neurons (a shard) on ``rows`` examples;
+* ``update(numel)``: SGD with momentum and weight decay on ``numel`` parameters;
+* ``overhead(rows)``: what a whole step costs beyond its blocks and its update.
+
+:class:`FlopCosts` counts (a named GPU profile of :data:`PROFILES`: FLOP at peak x
+achieved efficiency, updates at memory bandwidth), :class:`MeasuredCosts` times every
+block on this machine, :class:`ZeroCosts` makes every compute free (bytes only).
+"""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import Block
+
+__all__ = ["FLOAT", "PROFILES", "CostProvider", "FlopCosts", "MeasuredCosts", "ZeroCosts"]
+
+FLOAT = 4          # fp32 bytes
+
+#: named hardware profiles: peak fp32 FLOP/s, default achieved efficiency, memory
+#: bandwidth (for SGD updates), default link (Gbit/s) and latency (us)
+PROFILES = {
+    "gtx-titan": {"peak_flops": 4.5e12, "efficiency": 0.4, "mem_gbs": 288.0, "link_gbps": 48.0, "latency_us": 10.0,
+                      "note": "GTX Titan (Kepler, 2013): 4.5 TFLOP/s fp32 peak, 288 GB/s; PCIe 3 x16 ~6 GB/s"},
+    "k20": {"peak_flops": 3.5e12, "efficiency": 0.4, "mem_gbs": 208.0, "link_gbps": 48.0, "latency_us": 10.0,
+                "note": "Tesla K20x: 3.9 TFLOP/s fp32 peak (3.5 sustained clocks), 250 GB/s; PCIe 3"},
+    "a100-pcie": {"peak_flops": 19.5e12, "efficiency": 0.5, "mem_gbs": 1555.0, "link_gbps": 200.0, "latency_us": 5.0,
+                      "note": "A100 fp32 (no TF32): 19.5 TFLOP/s, 1.5 TB/s; PCIe 4 x16 ~25 GB/s"},
+    "this-cpu": {"peak_flops": None, "efficiency": None, "mem_gbs": None, "link_gbps": None, "latency_us": 50.0,
+                     "note": "this machine, every block timed (one thread per worker by default)"},
+}
+
+
+class CostProvider(Protocol):
+    """What the cost model asks of compute (seconds on one worker)."""
+
+    def trunk(self, i: int, rows: int) -> tuple[float, float]: ...
+    def head(self, j: int, rows: int, width: int) -> tuple[float, float]: ...
+    def update(self, numel: int) -> float: ...
+    def overhead(self, rows: int) -> float: ...
+
+
+class FlopCosts:
+    """Compute from multiply-add counts at ``peak * efficiency`` FLOP/s (a GPU profile)."""
+
+    def __init__(self, blocks: list[Block], peak_flops: float, efficiency: float, mem_gbs: float) -> None:
+        self.blocks, self.rate, self.mem = blocks, peak_flops * efficiency, mem_gbs * 1e9
+
+    def trunk(self, i: int, rows: int) -> tuple[float, float]:
+        fwd = 2 * self.blocks[i].macs * rows / self.rate
+        return fwd, fwd * (1 if i == 0 else 2)   # the first layer needs no input gradient
+
+    def head(self, j: int, rows: int, width: int) -> tuple[float, float]:
+        fin = self.blocks[j].linear[0]
+        fwd = 2 * fin * width * rows / self.rate
+        return fwd, 2 * fwd
+
+    def update(self, numel: int) -> float:
+        return numel * 5 * FLOAT / self.mem       # read w, g, m; write w, m
+
+    def overhead(self, rows: int) -> float:
+        return 0.0
+
+
+class MeasuredCosts:
+    """Compute timed on this machine: each block forward and backward, the fastest of
+    ``reps`` runs after one warm-up (the machine is shared: other load only adds time)."""
+
+    def __init__(self, blocks: list[Block], threads: int = 1, reps: int = 3, model: nn.Module | None = None) -> None:
+        self.blocks, self.threads, self.reps, self.model = blocks, threads, reps, model
+        self._cache: dict = {}
+        self._upd: float | None = None
+
+    def _time(self, module: nn.Module, shape: tuple[int, ...], input_grad: bool) -> tuple[float, float]:
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            x0 = torch.randn(shape)
+            fw, bw = [], []
+            for r in range(self.reps + 1):
+                x = x0.clone().requires_grad_(input_grad)
+                t0 = time.perf_counter()
+                out = module(x)
+                t1 = time.perf_counter()
+                out.backward(torch.ones_like(out))
+                t2 = time.perf_counter()
+                for p in module.parameters():
+                    p.grad = None
+                if r:
+                    fw.append(t1 - t0)
+                    bw.append(t2 - t1)
+            return min(fw), min(bw)   # contention only ever adds time: the minimum is the cost
+        finally:
+            torch.set_num_threads(old)
+
+    def trunk(self, i: int, rows: int) -> tuple[float, float]:
+        key = ("trunk", i, rows)
+        if key not in self._cache:
+            b = self.blocks[i]
+            self._cache[key] = self._time(b.modules, (rows,) + b.in_shape, input_grad=i > 0)
+        return self._cache[key]
+
+    def head(self, j: int, rows: int, width: int) -> tuple[float, float]:
+        b = self.blocks[j]
+        key = ("head", b.linear[0], width, rows, tuple(type(m).__name__ for m in b.tail))
+        if key not in self._cache:
+            torch.manual_seed(0)
+            tail = [type(m)(**({"inplace": True} if isinstance(m, nn.ReLU) else {"p": m.p} if isinstance(m, nn.Dropout) else {}))
+                    if isinstance(m, (nn.ReLU, nn.Dropout)) else m for m in b.tail]
+            module = nn.Sequential(nn.Linear(b.linear[0], width), *tail).train()
+            self._cache[key] = self._time(module, (rows, b.linear[0]), input_grad=True)
+        return self._cache[key]
+
+    def overhead(self, rows: int) -> float:
+        """What one whole training step costs beyond its blocks and its update: the
+        loss, autograd and optimizer bookkeeping, Python between layers. Measured: a plain
+        PyTorch step of the whole network (fastest of ``reps``) minus the sum of the parts."""
+        key = ("overhead", rows)
+        if key not in self._cache:
+            model = self.model
+            if model is None:
+                self._cache[key] = 0.0
+                return 0.0
+            old = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                model.train()
+                opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+                x = torch.randn((rows,) + self.blocks[0].in_shape)
+                classes = self.blocks[-1].out_shape[0]
+                y = torch.randint(0, classes, (rows,))
+                times = []
+                for _ in range(self.reps + 1):
+                    t0 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    times.append(time.perf_counter() - t0)
+                whole = min(times[1:])
+            finally:
+                torch.set_num_threads(old)
+            parts = sum(sum(self.trunk(i, rows)) for i, b in enumerate(self.blocks) if b.part == "trunk")
+            parts += sum(sum(self.head(j, rows, b.linear[1])) for j, b in enumerate(self.blocks) if b.linear)
+            parts += self.update(sum(b.numel for b in self.blocks))
+            self._cache[key] = max(0.0, whole - parts)
+        return self._cache[key]
+
+    def update(self, numel: int) -> float:
+        if self._upd is None:   # seconds per parameter of SGD with momentum and weight decay
+            old = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                n = 4_000_000
+                p = nn.Parameter(torch.randn(n))
+                p.grad = torch.randn(n)
+                opt = torch.optim.SGD([p], lr=0.01, momentum=0.9, weight_decay=5e-4)
+                times = []
+                for _ in range(self.reps + 2):
+                    t0 = time.perf_counter()
+                    opt.step()
+                    times.append(time.perf_counter() - t0)
+                self._upd = min(times[1:]) / n
+            finally:
+                torch.set_num_threads(old)
+        return numel * self._upd
+
+
+class ZeroCosts:
+    """No compute at all: what remains of a step is its bytes and its collectives."""
+
+    def overhead(self, rows: int) -> float:
+        return 0.0
+
+    def trunk(self, i: int, rows: int) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def head(self, j: int, rows: int, width: int) -> tuple[float, float]:
+        return 0.0, 0.0
+
+    def update(self, numel: int) -> float:
+        return 0.0
