@@ -130,3 +130,11 @@ def test_own_loop_under_torchrun_equals_one_worker(tmp_path):
     assert got.keys() == want.keys() and "head.4.weight" in want
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy, extra", [("hogwild", {}), ("paramserver", {"servers": 1})])
+def test_fit_runs_the_asynchronous_strategies_on_a_model_of_ones_own(tmp_path, strategy, extra):
+    model, summary = fit_tiny(tmp_path, workers=2, strategy=strategy, **extra)
+    assert summary["top1_error"] is not None and not summary["failed_workers"]
+    assert not torch.equal(model.classifier[0].weight, BiasFreeHeadNet().classifier[0].weight)

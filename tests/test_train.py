@@ -69,9 +69,9 @@ def test_eval_export_and_plot_read_a_run(tmp_path):
     assert (record["model"], record["num_classes"], record["in_channels"], record["image_size"]) == ("smallnet", 10, 1, 32)
     model = build_model("smallnet", num_classes=10, in_channels=1)
     model.load_state_dict(record["state_dict"])
-    import onetrick
+    from onetrick.api import load
 
-    rebuilt = onetrick.load(tmp_path / "model.pt")
+    rebuilt = load(tmp_path / "model.pt")
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(rebuilt(x), model.eval()(x))
     assert onetrick("plot", run, "-o", tmp_path / "plots").returncode == 0

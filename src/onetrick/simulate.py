@@ -72,7 +72,7 @@ LABEL = 8          # int64 bytes
 DDP_FIRST_BUCKET = 2**20   # DistributedDataParallel's first bucket (1 MiB), then 25 MiB
 DDP_BUCKET = 25 * 2**20
 
-#: the paper's measured speedups (PAPER.md) for K GPUs, hybrid scheme (b)
+#: the paper's measured speedups (docs/PAPER.md) for K GPUs, hybrid scheme (b)
 PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0, 2: 1.93, 4: 3.66, 8: 6.16}}
 
 #: named hardware profiles: peak fp32 FLOP/s, default achieved efficiency, memory
@@ -888,7 +888,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     text = [f"## Simulated: {title}", "", sweep_table(rows), "", "Bytes per worker per step by kind (K <= 8):", "",
             bytes_table(rows)]
     if args.model.startswith("alexnet") and set(args.workers) >= {1, 2, 4, 8}:
-        text += ["", "Against the paper's measured speedups (PAPER.md):", "", paper_table(rows)]
+        text += ["", "Against the paper's measured speedups (docs/PAPER.md):", "", paper_table(rows)]
     validations = ([validate(v, reps=args.reps) for v in args.validate]
                    + [validate(v, bytes_only=True) for v in args.validate_bytes])
     for v in validations:
