@@ -113,7 +113,7 @@ def test_simulate_paper_profile_and_bytes_targets(tmp_path):
         assert hyb["bytes"]["weights"] + hyb["bytes"]["activations"] <= data["bytes_total"] / 5
         assert hyb["bytes_total"] < data["bytes_total"] / 2
         assert 1.0 < hyb["speedup"] <= k
-    # PAPER.md: 128 x 9,216 x 4 B = 4.7 MB of last-conv activations per worker
+    # docs/PAPER.md: 128 x 9,216 x 4 B = 4.7 MB of last-conv activations per worker
     assert by[("hybrid/b", 2)]["bytes"]["activations"] == 2 * 128 * 9216 * 4
 
 

@@ -90,3 +90,31 @@ def test_bytes_per_step_match_the_analytic_expectation(runs):
         for step_bytes in results[0][i]["bytes"]:
             got = {tag: n for tag, n in step_bytes.items() if tag in want}
             assert got == pytest.approx(want, abs=16), f"{changes} K={k}"
+
+
+# -- torchvision's networks (--model torchvision:NAME) ------------------------------------
+@pytest.mark.timeout(300)
+def test_torchvision_alexnet_strategies_equal_one_worker():
+    """alexnet at 64x64 (its AdaptiveAvgPool makes the head the full 9216-4096-4096 one)."""
+    from workers import torchvision_reference, torchvision_steps
+
+    runs = [dict(strategy="data", sync="ddp"), dict(strategy="model"), dict(strategy="hybrid", scheme="b")]
+    cfg = base_config(workers=2, lr=0.01)
+    results = launch(torchvision_steps, cfg, "alexnet", runs, 2, 2, 64, 13, nprocs=2)
+    want = torchvision_reference(base_config(lr=0.01), "alexnet", 2, 2, 2, 64, 13)
+    for i, changes in enumerate(runs):
+        for rank in results:
+            assert_same_weights(results[rank][i], want, f"alexnet {changes} rank {rank}")
+
+
+@pytest.mark.timeout(300)
+def test_torchvision_vgg11_hybrid_step_equals_one_worker():
+    """vgg11 (129M weights, 120M of them in the head) at the smallest image it takes, 32x32:
+    one hybrid step at K=2 (about 45 s on 2 cores) against one process of batch 2B."""
+    from workers import torchvision_reference, torchvision_steps
+
+    results = launch(torchvision_steps, base_config(workers=2, lr=0.01), "vgg11", [dict(strategy="hybrid", scheme="b")],
+                     1, 2, 32, 13, nprocs=2)
+    want = torchvision_reference(base_config(lr=0.01), "vgg11", 1, 2, 2, 32, 13)
+    for rank in results:
+        assert_same_weights(results[rank][0], want, f"vgg11 hybrid rank {rank}")

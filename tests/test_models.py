@@ -230,3 +230,108 @@ def test_build_model_passes_arguments():
     assert m.trunk.conv1.in_channels == 1
     assert m.head[-1].out_features == 7
     assert m.head[2].p == 0.25
+
+
+# ----------------------------------------------------------------------------- user models, torchvision
+def _plain_cnn(head_layers: list[nn.Module]) -> nn.Module:
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.classifier = nn.Sequential(*head_layers)
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.features(x), 1))
+
+    return Plain()
+
+
+def test_as_trunk_head_keeps_the_function_and_the_names():
+    from onetrick.models import as_trunk_head
+
+    torch.manual_seed(0)
+    model = _plain_cnn([nn.Linear(64, 8, bias=False), nn.ReLU(), nn.Linear(8, 3)])
+    net = as_trunk_head(model)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(net(x), model(x))
+    assert [n for n, _ in net.named_parameters()] == ["trunk.features.0.weight", "trunk.features.0.bias",
+                                                      "head.0.weight", "head.2.weight", "head.2.bias"]
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
+    split = as_trunk_head(seq, head="3")
+    assert torch.equal(split(x), seq(x)) and list(split.head) == [seq[3]]
+
+
+@pytest.mark.parametrize("model, head, message", [
+    (nn.Sequential(nn.Conv2d(1, 4, 3)), None, "cannot tell where the trunk of Sequential ends"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 2)), "fc", "Sequential has no child module 'fc'"),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(4, 2)), "0", "the trunk would be empty"),
+])
+def test_as_trunk_head_refuses_in_one_line(model, head, message):
+    from onetrick.models import as_trunk_head
+
+    with pytest.raises(ValueError, match=message) as err:
+        as_trunk_head(model, head)
+    assert "\n" not in str(err.value)
+
+
+def test_sharded_head_without_bias_equals_the_dense_head():
+    """One worker's ShardedHead (Comm() alone: K=1) on a bias-free head: same logits, names."""
+    from onetrick.distributed.comm import Comm
+    from onetrick.distributed.tensor_parallel import ShardedHead
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(6, 5, bias=False), nn.GELU(), nn.Linear(5, 3, bias=False))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = ShardedHead(dense, Comm())
+        x = torch.randn(4, 6)
+        torch.testing.assert_close(sharded(x), dense(x))
+    finally:
+        dist.destroy_process_group()
+    assert sharded.local_to_dense() == {"layers.0.weight": "0.weight", "layers.2.weight": "2.weight"}
+
+
+@pytest.mark.parametrize("layer, name", [(nn.BatchNorm1d(8), "BatchNorm1d"), (nn.LayerNorm(8), "LayerNorm")])
+def test_unshardable_head_layer_is_named(layer, name):
+    from onetrick.distributed.comm import Comm
+    from onetrick.distributed.tensor_parallel import ShardedHead
+    from onetrick.models import unshardable
+
+    head = nn.Sequential(nn.Linear(6, 8), layer, nn.ReLU(), nn.Linear(8, 3))
+    assert unshardable(head).startswith(f"head layer head.1 ({name}) cannot be sharded by neurons")
+    with pytest.raises(ValueError, match=rf"head\.1 \({name}\)"):
+        ShardedHead(head, Comm())
+    assert unshardable(nn.Sequential(nn.Dropout(), nn.Linear(6, 3), nn.Tanh())) is None
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg11"])
+def test_torchvision_models_split_at_features_and_classifier(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = build_model(f"torchvision:{name}", num_classes=7, in_channels=3, dropout=0.0).eval()
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(name, weights=None, num_classes=7, dropout=0.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))  # same initialisation, same function
+    assert isinstance(net.head[-1], nn.Linear) and net.head[-1].out_features == 7
+    assert "trunk.features.0.weight" in dict(net.named_parameters())
+    gray = build_model(f"torchvision:{name}", num_classes=10, in_channels=1)
+    assert gray.trunk.features[0].in_channels == 1
+
+
+@pytest.mark.parametrize("spec, size, message", [
+    ("torchvision:nope", None, "unknown torchvision model 'nope'"),
+    ("torchvision:resnet18", None, "torchvision:resnet18 has no `features` and `classifier`"),
+    ("torchvision:alexnet", 32, "torchvision:alexnet does not run on 32x32 images"),
+    ("resnet", None, "unknown model 'resnet'"),
+])
+def test_bad_model_names_get_one_line(spec, size, message):
+    from onetrick.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=message) as err:
+        TrainConfig(model=spec, image_size=size).validate()
+    assert "\n" not in str(err.value)

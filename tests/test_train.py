@@ -65,8 +65,15 @@ def test_eval_export_and_plot_read_a_run(tmp_path):
     assert onetrick("export", run, "-o", tmp_path / "model.pt").returncode == 0
     from onetrick.models import build_model
 
+    record = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert (record["model"], record["num_classes"], record["in_channels"], record["image_size"]) == ("smallnet", 10, 1, 32)
     model = build_model("smallnet", num_classes=10, in_channels=1)
-    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    model.load_state_dict(record["state_dict"])
+    from onetrick.api import load
+
+    rebuilt = load(tmp_path / "model.pt")
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(rebuilt(x), model.eval()(x))
     assert onetrick("plot", run, "-o", tmp_path / "plots").returncode == 0
     assert (tmp_path / "plots" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "filters.png").stat().st_size > 1000

@@ -164,3 +164,46 @@ def hang_or_die(rt, cfg, mode: str) -> None:
             os._exit(3)
         time.sleep(600)
     dist.all_reduce(torch.ones(1))
+
+
+def image_batches(steps: int, k: int, b: int, image: int, seed: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(k * b, 3, image, image, generator=g), torch.randint(0, CLASSES, (k * b,), generator=g))
+            for _ in range(steps)]
+
+
+def sampled(state: dict, stride: int) -> dict:
+    """Every ``stride``-th element of each tensor: enough to compare, small to ship back."""
+    return {name: t.detach().flatten()[::stride].clone() for name, t in state.items()}
+
+
+def torchvision_steps(rt, cfg, name: str, runs: list[dict], steps: int, b: int, image: int, stride: int) -> dict:
+    """torchvision's NAME (CLASSES classes, no dropout) under each run's strategy; this
+    worker reads rows [rank*B, (rank+1)*B) of each global batch. Returns sampled weights."""
+    from onetrick.models import build_model
+
+    results = {}
+    for i, changes in enumerate(runs):
+        torch.manual_seed(0)
+        strategy = parallelize(build_model(f"torchvision:{name}", num_classes=CLASSES, dropout=0.0),
+                               cfg.replace(**changes), rt)
+        own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
+        for x, y in image_batches(steps, rt.world, b, image):
+            strategy.train_step(x[own], y[own])
+        results[i] = sampled(strategy.full_state_dict(), stride)
+        del strategy
+    return results
+
+
+def torchvision_reference(cfg: TrainConfig, name: str, steps: int, k: int, b: int, image: int, stride: int) -> dict:
+    """One process, batch K*B, plain PyTorch on torchvision's NAME."""
+    from onetrick.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(f"torchvision:{name}", num_classes=CLASSES, dropout=0.0)
+    opt = model_sgd(model, cfg, cfg.lr)
+    for x, y in image_batches(steps, k, b, image):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return sampled(model.state_dict(), stride)

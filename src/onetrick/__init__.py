@@ -1,4 +1,29 @@
 """onetrick: train convolutional networks in parallel, the way Krizhevsky's
-"One weird trick for parallelizing convolutional neural networks" does."""
+"One weird trick for parallelizing convolutional neural networks" does.
+
+The Python API (README, "Python API"): :func:`fit`, :func:`parallelize`, :func:`load`,
+:class:`TrainConfig`, :class:`TrunkHeadNet`. Imported on first use, so that
+``import onetrick`` stays light.
+"""
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["TrainConfig", "TrunkHeadNet", "fit", "load", "parallelize"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("fit", "load", "parallelize"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "TrainConfig":
+        from .config import TrainConfig
+
+        return TrainConfig
+    if name == "TrunkHeadNet":
+        from .models import TrunkHeadNet
+
+        return TrunkHeadNet
+    raise AttributeError(f"module 'onetrick' has no attribute {name!r}")

@@ -51,7 +51,7 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012")
+    g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012 | torchvision:NAME (alexnet, vgg11, vgg16, ...: untrained)")
     g.add_argument("--data", default=D.data, help="digits (bundled) | imagefolder:PATH | synthetic[:CLASSES]")
     g.add_argument("--image-size", type=int, default=None, help="input side; default: the model's (32 or 224)")
     g.add_argument("--dropout", type=float, default=D.dropout)
@@ -186,7 +186,7 @@ def add_eval_parser(sub) -> None:
 
 def add_export_parser(sub) -> None:
     """Define ``onetrick export``."""
-    p = sub.add_parser("export", help="write a run's newest checkpoint as one plain state_dict file")
+    p = sub.add_parser("export", help="write a run's newest checkpoint as one file: weights, model name, classes, input (onetrick.load reads it)")
     p.add_argument("run", type=Path)
     p.add_argument("-o", "--output", type=Path, default=None, help="default: RUN/model.pt")
     p.set_defaults(func=cmd_export)

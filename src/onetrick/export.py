@@ -35,15 +35,30 @@ def full_state(run: Path) -> dict[str, torch.Tensor]:
     raise checkpoint.CheckpointError(f"no readable checkpoint in {checkpoint.checkpoint_root(run)} ({'; '.join(errors) or 'none found'})")
 
 
+def export_record(run: Path) -> dict:
+    """What ``onetrick export`` writes: the newest checkpoint's weights and how to rebuild
+    the model, ``{"model", "num_classes", "in_channels", "image_size", "state_dict"}``."""
+    from .models import input_size
+
+    state = full_state(run)
+    meta = checkpoint.read_meta(_latest(run))
+    name = meta["model"]
+    convs = [t for t in state.values() if t.ndim == 4]  # the first one is the first convolution
+    size = run_config(run).image_size or (None if name.startswith("custom:") else input_size(name))
+    return {"model": name, "num_classes": meta["num_classes"], "in_channels": convs[0].shape[1] if convs else None,
+            "image_size": size, "state_dict": state}
+
+
 def export_run(run: Path, output: Path | None = None) -> Path:
-    """Write ``{param: tensor}`` loadable by ``build_model(...).load_state_dict``."""
+    """Write :func:`export_record` to ``output`` (default ``RUN/model.pt``); read it back
+    with :func:`onetrick.load`, or take its ``state_dict`` for ``load_state_dict``."""
     _latest(run)  # a missing run is the first thing to say
     output = Path(output or Path(run) / "model.pt")
     if output.is_dir():
         raise checkpoint.CheckpointError(f"-o {output} is a directory; give a file name")
     if not output.parent.is_dir():
         raise checkpoint.CheckpointError(f"-o {output}: folder {output.parent} does not exist")
-    torch.save(full_state(run), output)
+    torch.save(export_record(run), output)
     return output
 
 

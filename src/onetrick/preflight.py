@@ -16,10 +16,14 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:
+    from .source import Source
 
 # What one worker process costs before its model: interpreter, torch, gloo buffers.
 WORKER_BASE_BYTES = 400 * 2**20
@@ -30,16 +34,21 @@ BYTES_PER_PARAM = 4 * 4
 MAX_WORKERS_PER_CORE = 8
 
 
-def check(cfg: TrainConfig) -> None:
-    """Raise a one-line ConfigError/DataError if the run cannot work; return quietly if it can."""
+def check(cfg: TrainConfig, source: Source | None = None) -> None:
+    """Raise a one-line ConfigError/DataError if the run cannot work; return quietly if it can.
+    ``source``: a user's own model and data (:func:`onetrick.fit`), checked in place of
+    ``--model``/``--data`` (``fit`` has already run one of its images through the model)."""
     check_run_directory(Path(cfg.out))
     check_cores(cfg)
-    data = _data(cfg)
+    data = source.data if source else _data(cfg)
     if data.num_classes < 2:
         raise ConfigError(f"{data.name} has {data.num_classes} class; a classifier needs at least 2")
     check_batch(cfg, len(data.train), data.name)
-    model = _meta_model(cfg, data.num_classes, data.in_channels)
-    check_image_size(model, cfg, data.in_channels, data.image_size)
+    if source:
+        model = source.model
+    else:
+        model = _meta_model(cfg, data.num_classes, data.in_channels)
+        check_image_size(model, cfg, data.in_channels, data.image_size)
     check_lr_mult(model, cfg.lr_mult)
     check_memory(cfg, sum(p.numel() for p in model.parameters()))
 

@@ -28,7 +28,7 @@ def layer_multiplier(name: str, patterns: Sequence[str]) -> float:
 
 def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], cfg: TrainConfig, lr: float) -> list[dict]:
     """One SGD group per parameter: weights get ``lr`` and weight decay, biases
-    ``bias_lr_mult * lr`` and none (PAPER.md), both times any ``--lr-mult``.
+    ``bias_lr_mult * lr`` and none (docs/PAPER.md), both times any ``--lr-mult``.
 
     Each group keeps ``base_lr`` (its rate before the schedule) and ``name``.
     """

@@ -3,7 +3,7 @@
 One worker against K workers of data parallelism and of the hybrid with the paper's two
 batch sizes, (K*B, K*B) and (K*B, B), all for the same number of epochs; every row is a
 real ``onetrick train`` run (its own run directory under ``OUT/runs/``), and the table
-holds each row's final test error, wall time and bytes per step. PAPER.md's table:
+holds each row's final test error, wall time and bytes per step. docs/PAPER.md's table:
 
     GPUs  (conv, FC) batch   top-1 error   speedup
     1     (128, 128)         42.33%        1.00x

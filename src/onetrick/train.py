@@ -26,32 +26,37 @@ from .distributed.strategy import Strategy
 from .evaluate import evaluate
 from .models import build_model, input_size
 from .recipe import schedule_factor, set_lr
+from .source import Source
 
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss (``--on-nan stop``)."""
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Validate, launch the workers, return worker 0's summary. The CLI's ``train``."""
-    cfg.validate()
-    preflight.check(cfg)
+def train(cfg: TrainConfig, source: Source | None = None) -> dict:
+    """Validate, launch the workers, return worker 0's summary. The CLI's ``train``;
+    ``source`` (from :func:`onetrick.fit`) replaces ``cfg.model`` and ``cfg.data``."""
+    cfg.validate(builtin=source is None)
+    preflight.check(cfg, source)
     if cfg.resume:
         checkpoint.check_compatible(cfg.out, cfg.model)
     if cfg.strategy == "hogwild":
         from .distributed.hogwild import train_hogwild
 
-        return train_hogwild(cfg)
+        return train_hogwild(cfg, source)
     if cfg.strategy == "paramserver":
         from .distributed.paramserver import train_paramserver
 
-        return train_paramserver(cfg)
-    results = launch(train_worker, cfg)
+        return train_paramserver(cfg, source)
+    results = launch(train_worker, cfg, source)
     return results[min(results)] if 0 not in results else results[0]
 
 
-def setup(rt: Runtime, cfg: TrainConfig) -> tuple[DataBundle, Strategy]:
+def setup(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> tuple[DataBundle, Strategy]:
     """Data and the parallelised model; identical initial weights on every worker."""
+    if source is not None:
+        data, model = source.build()
+        return data, parallelize(model, cfg, rt)
     size = cfg.image_size or input_size(cfg.model)
     data = build_data(cfg.data, image_size=size, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
     torch.manual_seed(cfg.seed)
@@ -166,8 +171,8 @@ class RunLog:
             checkpoint.atomic_write_text(Path(out) / "summary.json", json.dumps(summary, indent=2))
 
 
-def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
-    data, strategy = setup(rt, cfg)
+def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dict:
+    data, strategy = setup(rt, cfg, source)
     total = total_steps(data, cfg)
     step = 0
     # After a crash, torch elastic restarts every worker (--max-restarts): pick up the

@@ -1,4 +1,4 @@
-"""Synchronous data parallelism (PAPER.md form 2): K workers, same model, different
+"""Synchronous data parallelism (docs/PAPER.md form 2): K workers, same model, different
 examples, gradients combined every step so the batch is K*B.
 
 Two ways to synchronise, ``--sync``:

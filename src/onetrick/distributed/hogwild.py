@@ -1,4 +1,4 @@
-"""Hogwild: asynchronous data parallelism in shared memory (PAPER.md form 3).
+"""Hogwild: asynchronous data parallelism in shared memory (docs/PAPER.md form 3).
 
 K worker processes on one machine (torch.multiprocessing, spawn) update one set of
 weights held in shared memory (``model.share_memory()``), without locks. Each worker
@@ -50,6 +50,7 @@ from ..data import DataBundle, build_data
 from ..evaluate import evaluate
 from ..models import input_size
 from ..recipe import schedule_factor, set_lr
+from ..source import Source
 from ..train import (
     NonFiniteLoss,
     RunLog,
@@ -219,18 +220,18 @@ def raise_if_failed(summary: dict, cfg: TrainConfig) -> None:
 
 
 # -- Hogwild -------------------------------------------------------------------------------
-def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue) -> None:
+def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue, source: Source | None = None) -> None:
     """Body of worker process ``index``: train on the shared ``model``, put the counters
     (or the setup error) on ``queue``."""
     try:
-        queue.put(_hogwild_train(index, cfg, model))
+        queue.put(_hogwild_train(index, cfg, model, source))
     except Exception as err:  # noqa: BLE001 - reported by the parent as this worker's failure
         queue.put({"index": index, "fatal": f"{type(err).__name__}: {err}"})
 
 
-def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module) -> dict:
+def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source: Source | None = None) -> dict:
     torch.set_num_threads(_threads(cfg, cfg.workers))
-    data = build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
+    data = source.data if source is not None else build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
                       skip_corrupt=cfg.skip_corrupt)
     device = torch.device(cfg.device)
     rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
@@ -279,10 +280,10 @@ def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
     return results, lost
 
 
-def _run_workers(cfg: TrainConfig, model: torch.nn.Module) -> tuple[list[dict], list[str]]:
+def _run_workers(cfg: TrainConfig, model: torch.nn.Module, source: Source | None) -> tuple[list[dict], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, model, queue), name=f"hogwild-{i}")
+    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, model, queue, source), name=f"hogwild-{i}")
              for i in range(cfg.workers)]
     for p in procs:
         p.start()
@@ -297,7 +298,7 @@ def _run_workers(cfg: TrainConfig, model: torch.nn.Module) -> tuple[list[dict], 
     return [results[i] for i in sorted(results)], [lost[i] for i in sorted(lost)]
 
 
-def train_hogwild(cfg: TrainConfig) -> dict:
+def train_hogwild(cfg: TrainConfig, source: Source | None = None) -> dict:
     """Train with ``cfg.workers`` Hogwild processes on shared weights; return the summary.
 
     Raises :class:`WorkerFailure` (after writing summary.json) if a worker raised or died.
@@ -307,10 +308,10 @@ def train_hogwild(cfg: TrainConfig) -> dict:
         raise ConfigError("--strategy hogwild shares memory on one machine: start it with onetrick train, not torchrun")
     torch.set_num_threads(_threads(cfg, 1))
     rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device(cfg.device), mesh=None)
-    data, strategy = setup(rt, local_config(cfg))
+    data, strategy = setup(rt, local_config(cfg), source)
     strategy.model.share_memory()  # the workers' SGD steps write into these very tensors
     log = RunLog(cfg.out, True, resume=False)
-    workers, lost = _run_workers(cfg, strategy.model)
+    workers, lost = _run_workers(cfg, strategy.model, source)
     test = evaluate(strategy, data, cfg)
     steps = max((w["totals"].steps for w in workers), default=0)
     log.write({"kind": "test", "step": steps, "epoch": steps / steps_per_epoch(data, cfg), **test})

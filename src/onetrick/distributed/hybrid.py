@@ -2,7 +2,7 @@
 model parallelism in the fully-connected head.
 
 Each worker runs the trunk on its own B examples. The last-conv activations reach the
-neuron-sharded head by one of three schemes (PAPER.md, "The hybrid in detail"):
+neuron-sharded head by one of three schemes (docs/PAPER.md, "The hybrid's three schemes"):
 
 * (a) all-gather: the head runs once on all K*B examples; the activation gradients
   are reduce-scattered back to their owners.

@@ -1,4 +1,4 @@
-"""Model parallelism (PAPER.md form 4): every worker sees the same examples and owns
+"""Model parallelism (docs/PAPER.md form 4): every worker sees the same examples and owns
 1/K of the neurons of every fully-connected layer; workers exchange activations, so
 messages grow with neurons x batch, not with weights.
 

@@ -1,4 +1,4 @@
-"""Downpour SGD with a sharded parameter server (PAPER.md form 3; DistBelief).
+"""Downpour SGD with a sharded parameter server (docs/PAPER.md form 3; DistBelief).
 
 Processes: one ``launch`` of ``K + S`` processes (so ``onetrick train --workers K
 --servers S`` and ``torchrun --nproc-per-node K+S`` start them alike). Ranks ``0..K-1``
@@ -64,6 +64,7 @@ from ..config import ConfigError, TrainConfig
 from ..data import DataBundle
 from ..evaluate import evaluate
 from ..recipe import make_sgd, param_groups, schedule_factor, set_lr
+from ..source import Source
 from ..train import RunLog, setup, steps_per_epoch, total_steps
 from .comm import Comm
 from .data_parallel import _Bucket
@@ -82,7 +83,7 @@ PUSH, FETCH, DONE = 1, 2, 3
 CONTROL, GRADIENT, REPLY, WEIGHTS, FINAL = 1, 2, 3, 4, 5   # message channels (torch's integer tags)
 
 
-def train_paramserver(cfg: TrainConfig) -> dict:
+def train_paramserver(cfg: TrainConfig, source: Source | None = None) -> dict:
     """Train with ``cfg.workers`` Downpour workers and ``cfg.servers`` servers; return the summary.
 
     Raises :class:`WorkerFailure` (after writing summary.json) if a worker failed, and
@@ -91,7 +92,7 @@ def train_paramserver(cfg: TrainConfig) -> dict:
     refuse_unsupported(cfg)
     if cfg.device != "cpu":
         raise ConfigError("--strategy paramserver runs on the CPU (its servers talk gloo point-to-point); use --device cpu")
-    results = launch(_process, cfg, nprocs=cfg.workers + cfg.servers)
+    results = launch(_process, cfg, source, nprocs=cfg.workers + cfg.servers)
     summary = results[min(results)]
     if summary["gradients_pushed"] != summary["gradients_applied"]:
         raise RuntimeError(f"lost gradients: {summary['gradients_pushed']} pushed, {summary['gradients_applied']} applied")
@@ -99,12 +100,12 @@ def train_paramserver(cfg: TrainConfig) -> dict:
     return summary
 
 
-def _process(rt: Runtime, cfg: TrainConfig) -> dict:
+def _process(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dict:
     """Every process: the same model and flat layout, then its role, then the end together."""
     if rt.world != cfg.workers + cfg.servers:
         raise ConfigError(f"--strategy paramserver needs {cfg.workers + cfg.servers} processes "
                           f"(--workers {cfg.workers} + --servers {cfg.servers}), got {rt.world}")
-    data, strategy = setup(rt, local_config(cfg))
+    data, strategy = setup(rt, local_config(cfg), source)
     is_server = rt.rank >= cfg.workers
     bucket = _Bucket(list(strategy.model.named_parameters()), cfg.servers, rt.rank - cfg.workers if is_server else 0)
     log = RunLog(cfg.out, rt.is_main, resume=False)

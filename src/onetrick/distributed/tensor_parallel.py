@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
+from ..models.base import ELEMENTWISE, unshardable
 from .comm import Comm
 
 TAG = "activations"          # last-conv activations (and their gradients) between workers
@@ -148,6 +149,8 @@ class ShardedHead(nn.Module):
         self.widths: list[list[int]] = []    # per Linear: every worker's output width
         self.names: list[str] = []           # per Linear: its name in the dense head
         for name, layer in head.named_children():
+            if not isinstance(layer, (nn.Linear, *ELEMENTWISE)):  # fit/parallelize refuse it earlier
+                raise ValueError(unshardable(head))
             if isinstance(layer, nn.Linear):
                 widths = shard_sizes(layer.out_features, comm.size)
                 start, end = shard_range(layer.out_features, comm.size, comm.rank)
@@ -155,11 +158,11 @@ class ShardedHead(nn.Module):
                 # 2,2,2,2,2,0,0,0, DTensor's Shard(0) layout); its shard is then empty.
                 with warnings.catch_warnings():  # "initializing zero-element tensors is a no-op"
                     warnings.simplefilter("ignore", UserWarning)
-                    local = nn.Linear(layer.in_features, end - start, device=layer.weight.device,
-                                      dtype=layer.weight.dtype)
+                    local = nn.Linear(layer.in_features, end - start, bias=layer.bias is not None,
+                                      device=layer.weight.device, dtype=layer.weight.dtype)
                 with torch.no_grad():
-                    local.weight.copy_(layer.weight[start:end])
-                    local.bias.copy_(layer.bias[start:end])
+                    for p, value in local.named_parameters():
+                        value.copy_(getattr(layer, p)[start:end])
                 self.layers.append(local)
                 self.widths.append(widths)
                 self.names.append(name)
@@ -185,7 +188,7 @@ class ShardedHead(nn.Module):
         mapping, i = {}, 0
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, nn.Linear):
-                for p in ("weight", "bias"):
+                for p, _ in layer.named_parameters():  # "weight", and "bias" unless bias=False
                     mapping[f"layers.{idx}.{p}"] = f"{self.names[i]}.{p}"
                 i += 1
         return mapping
@@ -197,7 +200,7 @@ class ShardedHead(nn.Module):
             if not isinstance(layer, nn.Linear):
                 continue
             widths = self.widths[sum(isinstance(m, nn.Linear) for m in self.layers[:idx])]
-            for p in ("weight", "bias"):
+            for p, _ in layer.named_parameters():
                 local = tensors[f"layers.{idx}.{p}"]
                 rows = local.reshape(local.shape[0], math.prod(local.shape[1:]))  # (0, F) for an empty shard
                 full = gather_columns(rows.t().contiguous(), self.comm, widths, "checkpoint").t()

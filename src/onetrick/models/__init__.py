@@ -1,9 +1,11 @@
 """Model zoo: every model is a plain :class:`TrunkHeadNet`."""
 from __future__ import annotations
 
-from .base import TrunkHeadNet, fc_head
+from .base import ELEMENTWISE, TrunkHeadNet, fc_head, unshardable
+from .split import as_trunk_head
 
-__all__ = ["MODELS", "TrunkHeadNet", "build_model", "fc_head", "input_size"]
+__all__ = ["ELEMENTWISE", "MODELS", "TrunkHeadNet", "as_trunk_head", "build_model", "check_model", "fc_head",
+           "input_size", "unshardable"]
 
 
 def _registry():
@@ -13,15 +15,31 @@ def _registry():
     return {"alexnet": alexnet, "alexnet2012": alexnet2012, "smallnet": smallnet}
 
 
+#: The built-in models; ``torchvision:NAME`` (e.g. ``torchvision:vgg16``) names torchvision's.
 MODELS = ("smallnet", "alexnet", "alexnet2012")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> TrunkHeadNet:
-    """Build a model by name with the paper's initialisation (deterministic under torch.manual_seed)."""
+    """Build a model by name with its initialisation (deterministic under torch.manual_seed)."""
+    from .vision import PREFIX, torchvision_model
+
+    if name.startswith(PREFIX):
+        return torchvision_model(name[len(PREFIX):], num_classes, in_channels, dropout)
     registry = _registry()
     if name not in registry:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or torchvision:NAME")
     return registry[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+
+
+def check_model(name: str, image_size: int | None = None) -> None:
+    """Raise ValueError (one line) unless ``name`` builds, and runs at ``image_size``
+    (torchvision models: checked on the meta device, nothing allocated)."""
+    from .vision import PREFIX, check_torchvision
+
+    if name.startswith(PREFIX):
+        check_torchvision(name[len(PREFIX):], image_size or input_size(name))
+    elif name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or torchvision:NAME")
 
 
 def input_size(name: str) -> int:

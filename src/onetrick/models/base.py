@@ -40,3 +40,27 @@ def fc_head(in_features: int, hidden: tuple[int, ...], num_classes: int, dropout
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+#: Head layers that act on each neuron alone, so a neuron-sharded head applies them to its
+#: slice unchanged (Dropout too: each element is dropped independently).
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+               nn.Identity, nn.Dropout, nn.Flatten)
+
+
+def unshardable(head: nn.Module) -> str | None:
+    """Why ``head`` cannot be split by output neurons (model parallelism, the hybrid), or None.
+
+    A shardable head is an ``nn.Sequential`` of ``nn.Linear`` layers (with or without bias)
+    and elementwise layers (:data:`ELEMENTWISE`), with at least one Linear.
+    """
+    if not isinstance(head, nn.Sequential):
+        return f"the head is a {type(head).__name__}, not an nn.Sequential of Linear layers and activations"
+    for name, layer in head.named_children():
+        if not isinstance(layer, (nn.Linear, *ELEMENTWISE)):
+            return (f"head layer head.{name} ({type(layer).__name__}) cannot be sharded by neurons: the head may hold "
+                    "only Linear layers, Dropout and elementwise activations (move it into the trunk, or use --strategy data)")
+    if not any(isinstance(layer, nn.Linear) for layer in head):
+        return "the head has no nn.Linear layer to shard"
+    return None

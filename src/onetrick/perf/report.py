@@ -20,7 +20,7 @@ __all__ = ["COLUMNS", "PAPER_SPEEDUPS", "bench_report", "bench_table", "bytes_ta
 COLUMNS = ["strategy", "K", "(conv, FC) batch", "step ms", "images/s", "speedup", "efficiency", "of ceiling", "weights MB",
            "activations MB", "other MB", "comm est ms", "exposed ms", "hidden", "other procs (cores)"]
 
-#: the paper's measured speedups (PAPER.md) for K GPUs, hybrid scheme (b)
+#: the paper's measured speedups (docs/PAPER.md) for K GPUs, hybrid scheme (b)
 PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0, 2: 1.93, 4: 3.66, 8: 6.16}}
 
 
@@ -277,7 +277,7 @@ def simulation_report(title: str, rows: list[dict], validations: list[dict], pap
     text = [f"## Simulated: {title}", "", sweep_table(rows), "", "Bytes per worker per step by kind (K <= 8):", "",
             bytes_table(rows)]
     if paper:
-        text += ["", "Against the paper's measured speedups (PAPER.md):", "", paper_table(rows)]
+        text += ["", "Against the paper's measured speedups (docs/PAPER.md):", "", paper_table(rows)]
     for v in validations:
         text += ["", validation_table(v)]
     return "\n".join(text)
