@@ -96,6 +96,7 @@ BAD_INPUT = [
     (["--strategy", "nope"], "invalid choice: 'nope'"),
     (["--device", "cuda"], "no CUDA device is available"),
     (["--resume", "--out", "/no/such/run"], "does not exist"),
+    (["--resume", "--overwrite", "--out", "/tmp"], "--resume continues the run in --out, --overwrite removes it: give one"),
     (["--lr-mult", "head.*"], "--lr-mult expects GLOB=NUMBER"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--servers", "0", "--strategy", "paramserver", "--workers", "2"], "--servers must be at least 1"),

@@ -9,8 +9,12 @@ Layout of a run directory::
 
 A checkpoint is written into ``step_N.tmp`` and renamed by worker 0 once every worker
 has finished, so a crash mid-write leaves the previous one intact; ``LATEST`` is
-replaced with an atomic rename too. Loading tries the newest checkpoint first and falls
-back to older ones when a file is missing or truncated.
+replaced with an atomic rename too and always names a checkpoint that exists: rotation
+keeps the :data:`KEEP` newest and never the one just written. ``meta.json`` also holds
+the run id (``run.json`` of the run directory) and the run's running totals. Loading tries
+the newest checkpoint first and falls back to older ones when a file is missing or
+truncated; the unreadable one is renamed ``step_N.corrupt`` (kept for inspection, never
+loaded, never counted by rotation).
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every worker (nothing to wait for in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -60,25 +65,40 @@ def save(run_dir: Path, step: int, state: dict, meta: dict) -> Path:
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     dcp.save(state, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rank{_rank():05d}.pt")
-    _barrier()
+    barrier()
     if _rank() == 0:
         atomic_write_text(tmp / "meta.json", json.dumps({**meta, "step": step}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / "LATEST", final.name)
-        for old in sorted(root.glob("step_*[0-9]"))[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        _rotate(root, keep=final)
+    barrier()
     return final
 
 
-def candidates(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (meta.json present), newest first."""
+def _rotate(root: Path, keep: Path) -> None:
+    """Delete all but the KEEP newest checkpoints; ``keep`` (the one just written) stays
+    whatever its step."""
+    others = sorted(p for p in root.glob("step_*[0-9]") if p != keep)
+    for old in others[:max(0, len(others) - (KEEP - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def candidates(run_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints (meta.json present), newest first; only run ``run_id``'s if given."""
     root = checkpoint_root(run_dir)
-    return sorted((p for p in root.glob("step_*[0-9]") if (p / "meta.json").exists()), reverse=True)
+    found = sorted((p for p in root.glob("step_*[0-9]") if (p / "meta.json").exists()), reverse=True)
+    return [p for p in found if run_id is None or _meta_run_id(p) == run_id]
+
+
+def _meta_run_id(path: Path) -> str | None:
+    try:
+        return read_meta(path).get("run_id")
+    except ValueError:  # a meta.json cut short: not a usable checkpoint of any run
+        return None
 
 
 def read_meta(path: Path) -> dict:
@@ -107,14 +127,16 @@ def check_compatible(run_dir: Path, model: str) -> None:
         raise CheckpointError(f"--resume: checkpoint in {run_dir} is of model {meta['model']!r}, not {model!r}")
 
 
-def load(run_dir: Path, state: dict) -> tuple[int, Path]:
-    """Load the newest readable checkpoint into ``state`` in place (collective).
+def load(run_dir: Path, state: dict, run_id: str | None = None) -> tuple[int, Path]:
+    """Load the newest readable checkpoint (of run ``run_id`` if given) into ``state`` in
+    place (collective).
 
     Returns ``(step, path)``. A truncated or unreadable checkpoint is skipped for the
-    previous one, and the same choice is made on every worker.
+    previous one, and the same choice is made on every worker; worker 0 renames it
+    ``step_N.corrupt`` so that rotation can never keep it over a good one.
     """
     errors = []
-    for path in candidates(run_dir):
+    for path in candidates(run_dir, run_id):
         ok = torch.tensor([1])
         try:
             dcp.load(state, checkpoint_id=path)
@@ -126,7 +148,23 @@ def load(run_dir: Path, state: dict) -> tuple[int, Path]:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():
             return read_meta(path)["step"], path
+        _set_aside(path)
     raise CheckpointError(f"no readable checkpoint in {checkpoint_root(run_dir)} ({'; '.join(errors) or 'none found'})")
+
+
+def _set_aside(path: Path) -> None:
+    """Rename an unreadable checkpoint ``step_N.corrupt`` once every worker is done with it."""
+    barrier()
+    if _rank() == 0:
+        corrupt = path.with_name(path.name + ".corrupt")
+        shutil.rmtree(corrupt, ignore_errors=True)
+        os.replace(path, corrupt)
+        newest = candidates(path.parent.parent)
+        if newest:
+            atomic_write_text(path.parent / "LATEST", newest[0].name)
+        else:  # LATEST never names a checkpoint that is not there
+            (path.parent / "LATEST").unlink(missing_ok=True)
+    barrier()
 
 
 def rng_state() -> dict:

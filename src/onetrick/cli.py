@@ -90,8 +90,12 @@ def add_train_parser(sub) -> None:
     g.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s, help="seconds before a stuck collective fails")
     g.add_argument("--max-restarts", type=int, default=D.max_restarts, help="restart the job this many times after a worker dies")
     g = p.add_argument_group("run directory")
-    g.add_argument("--out", type=Path, default=D.out, help="run directory: metrics.jsonl, summary.json, checkpoints/")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--out", type=Path, default=None,
+                   help="run directory: metrics.jsonl, summary.json, checkpoints/; default: a fresh runs/<date-time>, "
+                        "linked as runs/latest. A directory holding another run is refused")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (default runs/latest)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run: removes onetrick's files there, keeps any other")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="test error every N steps")
     g.add_argument("--eval-views", type=int, choices=(1, 10), default=D.eval_views, help="1: centre crop, 10: corners+centre, flipped")
     g.add_argument("--log-every", type=int, default=D.log_every)
@@ -132,9 +136,11 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .rundir import prepare
     from .train import train
 
-    cfg = config_from_args(args)
+    cfg = prepare(config_from_args(args).validate())  # settles --out now, for the Ctrl-C message
+    args.run_dir = cfg.out
     summary = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process gets here; one line is enough
         return 0
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed.runtime import WorkerFailure
-    from .train import NonFiniteLoss
+    from .records import NonFiniteLoss
 
     try:
         return args.func(args)
@@ -238,8 +244,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onetrick: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("onetrick: interrupted; resume with --resume", file=sys.stderr)
+        print(f"onetrick: {_interrupted(getattr(args, 'run_dir', None))}", file=sys.stderr)
         return 130
+
+
+def _interrupted(run_dir: Path | None) -> str:
+    """Ctrl-C's line: how to resume, only where there is something to resume."""
+    from .checkpoint import candidates
+
+    if run_dir is None:
+        return "interrupted"
+    if candidates(run_dir):
+        return f"interrupted; resume with --resume --out {run_dir}"
+    return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
 
 
 if __name__ == "__main__":

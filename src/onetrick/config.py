@@ -60,8 +60,9 @@ class TrainConfig:
     timeout_s: float = 300.0                # every collective fails after this instead of hanging
     max_restarts: int = 0
     # bookkeeping
-    out: Path = Path("runs/latest")
+    out: Path | None = None                 # None: a fresh runs/<date-time>, linked as runs/latest (rundir.py)
     resume: bool = False
+    overwrite: bool = False                 # remove onetrick's files of the run already in `out`
     eval_every: int = 200
     eval_views: int = 1
     log_every: int = 10
@@ -141,7 +142,8 @@ class TrainConfig:
             if self.strategy not in ("single", "hogwild"):
                 _check(self.workers <= torch.cuda.device_count() or "LOCAL_RANK" in os.environ,
                        f"--workers {self.workers} exceeds the {torch.cuda.device_count()} GPUs on this machine")
-        if self.resume:
+        _check(not (self.resume and self.overwrite), "--resume continues the run in --out, --overwrite removes it: give one")
+        if self.resume and self.out is not None:
             _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
         return self
 

@@ -38,7 +38,8 @@ def check(cfg: TrainConfig, source: Source | None = None) -> None:
     """Raise a one-line ConfigError/DataError if the run cannot work; return quietly if it can.
     ``source``: a user's own model and data (:func:`onetrick.fit`), checked in place of
     ``--model``/``--data`` (``fit`` has already run one of its images through the model)."""
-    check_run_directory(Path(cfg.out))
+    if cfg.out is not None:  # None: a fresh directory under runs/ (rundir.prepare)
+        check_run_directory(Path(cfg.out))
     check_cores(cfg)
     data = source.data if source else _data(cfg)
     if data.num_classes < 2:

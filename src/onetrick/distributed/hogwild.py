@@ -23,12 +23,12 @@ checkpointed, so ``--resume`` is refused. Nothing crosses a network: bytes per s
 
 Also here, because the parameter server's workers run the same loop: :func:`worker_loop`
 (one asynchronous worker's steps, logging and periodic test error) and
-:func:`async_summary` (summary.json with train.py's keys).
+:func:`async_summary` (summary.json with the synchronous loop's keys).
 
 Testing hooks (environment variables, read by every asynchronous worker; not CLI options):
 ``ONETRICK_ASYNC_DELAY_MS=MAX`` sleeps a random 0..MAX ms before every step;
 ``ONETRICK_ASYNC_FAIL_AT=STEP[:WORKER]`` raises :class:`InjectedFailure` in that worker
-(default 0) at that 0-based step; train.py's ``ONETRICK_CRASH_AT=STEP[:WORKER]`` SIGKILLs it.
+(default 0) at that 0-based step; records.py's ``ONETRICK_CRASH_AT=STEP[:WORKER]`` SIGKILLs it.
 """
 from __future__ import annotations
 
@@ -44,25 +44,15 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from .. import checkpoint
+from .. import checkpoint, rundir
 from ..config import ConfigError, TrainConfig
 from ..data import DataBundle, build_data
 from ..evaluate import evaluate
 from ..models import input_size
 from ..recipe import schedule_factor, set_lr
+from ..records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, weights_copy
 from ..source import Source
-from ..train import (
-    NonFiniteLoss,
-    RunLog,
-    Totals,
-    _maybe_crash,
-    layer_stats,
-    setup,
-    steps_per_epoch,
-    total_steps,
-    train_batches,
-    weights_copy,
-)
+from ..worker import setup, steps_per_epoch, total_steps, train_batches
 from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
 from .strategy import SingleStrategy, StepOutput, Strategy
 
@@ -101,7 +91,9 @@ def refuse_unsupported(cfg: TrainConfig) -> None:
 
 
 def run_meta(cfg: TrainConfig, data: DataBundle) -> dict:
-    return {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes}
+    """A checkpoint's meta.json (the run id from the run.json worker 0 wrote at the start)."""
+    return {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes,
+            "run_id": rundir.run_id(cfg.out), "train_examples": len(data.train)}
 
 
 # -- one asynchronous worker ------------------------------------------------------------
@@ -158,9 +150,11 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         except Exception as err:  # noqa: BLE001 - any training error: reported, the others carry on
             result["error"] = f"{type(err).__name__}: {err}"
             break
+        if strategy.nonfinite:  # --on-nan skip (stop raised in _one_step): counted, weights untouched
+            result["totals"].skipped += 1
         if after_step:
             after_step(step)
-        _maybe_crash(step + 1, index)
+        maybe_crash(step + 1, index)
         comm = strategy.comm.take()
         result["totals"].add(out.count, comm)
         interval[1] += out.count
@@ -188,11 +182,12 @@ def _merged(parts: list[Totals]) -> Totals:
     for t in parts:
         merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes})
     merged.steps = sum(t.steps for t in parts)
+    merged.skipped = sum(t.skipped for t in parts)
     return merged
 
 
 def async_summary(cfg: TrainConfig, test: dict, workers: list[dict], lost: list[str], extra: dict) -> dict:
-    """summary.json of an asynchronous run, with train.py's keys.
+    """summary.json of an asynchronous run, with the synchronous loop's keys.
 
     ``workers``: what ``worker_loop`` returned, for the workers that returned; ``lost``:
     one line per worker that returned nothing. ``steps`` is the longest worker's step
@@ -237,7 +232,7 @@ def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source:
     rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
     strategy = SingleStrategy(model, local_config(cfg), rt)  # its own momentum, the shared weights
     total = total_steps(data, cfg)
-    log = RunLog(cfg.out, index == 0, resume=True)  # the parent started the file
+    log = RunLog(cfg.out, index == 0, attach=True)  # the parent started the file
     return worker_loop(cfg, data, strategy, index, log,
                        before_step=lambda step: set_lr(strategy.optimizers(), schedule_factor(cfg, step, total)))
 
@@ -310,7 +305,8 @@ def train_hogwild(cfg: TrainConfig, source: Source | None = None) -> dict:
     rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device(cfg.device), mesh=None)
     data, strategy = setup(rt, local_config(cfg), source)
     strategy.model.share_memory()  # the workers' SGD steps write into these very tensors
-    log = RunLog(cfg.out, True, resume=False)
+    rundir.begin(cfg, fresh=True)
+    log = RunLog(cfg.out, True)
     workers, lost = _run_workers(cfg, strategy.model, source)
     test = evaluate(strategy, data, cfg)
     steps = max((w["totals"].steps for w in workers), default=0)

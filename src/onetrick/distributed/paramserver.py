@@ -59,13 +59,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint
+from .. import checkpoint, rundir
 from ..config import ConfigError, TrainConfig
 from ..data import DataBundle
 from ..evaluate import evaluate
 from ..recipe import make_sgd, param_groups, schedule_factor, set_lr
+from ..records import RunLog
 from ..source import Source
-from ..train import RunLog, setup, steps_per_epoch, total_steps
+from ..worker import setup, steps_per_epoch, total_steps
 from .comm import Comm
 from .data_parallel import _Bucket
 from .hogwild import (
@@ -108,7 +109,9 @@ def _process(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dic
     data, strategy = setup(rt, local_config(cfg), source)
     is_server = rt.rank >= cfg.workers
     bucket = _Bucket(list(strategy.model.named_parameters()), cfg.servers, rt.rank - cfg.workers if is_server else 0)
-    log = RunLog(cfg.out, rt.is_main, resume=False)
+    if rt.is_main:
+        rundir.begin(cfg, fresh=True)
+    log = RunLog(cfg.out, rt.is_main)
     if is_server:
         server = _Server(cfg, strategy.comm, bucket, total_steps(data, cfg))
         mine = server.serve()
