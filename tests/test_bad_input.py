@@ -98,6 +98,7 @@ BAD_TRAIN_INPUT = [
     (["--max-restarts", "-1"], "--max-restarts must be at least 0"),
     # run directory
     (["--resume", "--out", "/no/such/run"], "does not exist"),
+    (["--resume", "--overwrite", "--out", "{tmp}"], "--resume continues the run in --out, --overwrite removes it: give one"),
     (["--out", "{tmp}/a_file"], "is a file; give a directory"),
     (["--out", "{tmp}/a_file/run"], "lies under the file"),
     (["--eval-every", "0"], "--eval-every must be at least 1"),

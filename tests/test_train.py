@@ -79,45 +79,7 @@ def test_eval_export_and_plot_read_a_run(tmp_path):
     assert (tmp_path / "plots" / "filters.png").stat().st_size > 1000
 
 
-BAD_INPUT = [
-    (["--model", "vgg"], "unknown model 'vgg'"),
-    (["--batch", "0"], "--batch must be at least 1"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--data", "imagefolder:/no/such/dir"], "data path not found: /no/such/dir"),
-    (["--data", "cifar"], "unknown --data 'cifar'"),
-    (["--data", "synthetic:x"], "synthetic:CLASSES needs an integer"),
-    (["--workers", "0"], "--workers must be at least 1"),
-    (["--workers", "2", "--strategy", "single"], "--strategy single runs one worker"),
-    (["--workers", "2", "--scheme", "b"], "--scheme b needs --strategy hybrid"),
-    (["--fc-batch", "worker"], "--fc-batch worker needs --strategy hybrid"),
-    (["--workers", "3", "--strategy", "hybrid", "--scheme", "c", "--batch", "16"], "--scheme c needs --batch divisible by --workers"),
-    (["--workers", "2", "--strategy", "hybrid", "--scheme", "a", "--fc-batch", "worker"], "--fc-batch worker needs --scheme b or c"),
-    (["--strategy", "nope"], "invalid choice: 'nope'"),
-    (["--device", "cuda"], "no CUDA device is available"),
-    (["--resume", "--out", "/no/such/run"], "does not exist"),
-    (["--resume", "--overwrite", "--out", "/tmp"], "--resume continues the run in --out, --overwrite removes it: give one"),
-    (["--lr-mult", "head.*"], "--lr-mult expects GLOB=NUMBER"),
-    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-    (["--servers", "0", "--strategy", "paramserver", "--workers", "2"], "--servers must be at least 1"),
-    (["--workers", "2", "--strategy", "model", "--model", "smallnet", "--data", "synthetic:1"], "synthetic:CLASSES needs an integer >= 2"),
-]
-
-
-@pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_is_one_line_before_any_worker(args, message, capsys, monkeypatch):
-    """The command's own entry point, in this process: nothing may be launched."""
-    from onetrick import cli
-    from onetrick.distributed import runtime
-
-    monkeypatch.setattr(runtime, "launch", lambda *a, **k: pytest.fail("a worker was launched"))
-    try:
-        code = cli.main(["train", *args])
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    assert code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], lines
+# Bad input: the table of every refused option is tests/test_bad_input.py.
 
 
 @pytest.mark.timeout(300)
