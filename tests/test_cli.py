@@ -32,3 +32,29 @@ def test_unknown_command_is_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'nope'" in err
+
+
+def test_every_option_of_every_command_has_help_and_a_readable_default():
+    import argparse
+
+    for name, sub in _subcommands(build_parser()).items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"onetrick {name} {action.option_strings or action.dest}: no help text"
+        text = sub.format_help()
+        for bad in ("(default: None)", "(default: (", "(default: [", "(default: False)"):
+            assert bad not in text, f"onetrick {name} --help shows {bad}"
+    train_help = _subcommands(build_parser())["train"].format_help()
+    assert "(default: 0.5,0.75)" in " ".join(train_help.split())
+
+
+def test_version_and_no_command(capsys):
+    from onetrick import __version__
+    from onetrick.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"onetrick {__version__}"
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: onetrick") and all(name in out for name in COMMANDS)

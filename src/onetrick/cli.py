@@ -1,4 +1,4 @@
-"""The ``onetrick`` command: train, eval, export, plot, study, bench, simulate."""
+"""onetrick: train convolutional networks in parallel (data, model, hybrid, asynchronous); run, inspect and benchmark them."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import (
     DATA_PARALLEL_SYNCS,
     DEVICES,
@@ -39,8 +40,33 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def fractions(text: str) -> tuple[float, ...]:
+    """``0.5,0.75`` -> ``(0.5, 0.75)`` (argparse names this function in its error)."""
+    return tuple(float(x) for x in text.split(","))
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows each option's default once, readably: ``(default: 0.5,0.75)``, never a
+    Python tuple, never ``(default: None)``, nothing where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or action.option_strings == [] or default in (None, False, True, [], ())
+                or default is argparse.SUPPRESS):
+            return text
+        if isinstance(default, (tuple, list)):
+            default = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem."""
+    """argparse, but a usage error is one line naming the problem, and every command
+    shares one help format (:class:`DefaultsFormatter`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["formatter_class"] = DefaultsFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -48,33 +74,32 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_train_parser(sub) -> None:
     """Define ``onetrick train``."""
-    p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)")
     g = p.add_argument_group("what to train")
     g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012 | torchvision:NAME (alexnet, vgg11, vgg16, ...: untrained)")
     g.add_argument("--data", default=D.data, help="digits (bundled) | imagefolder:PATH | synthetic[:CLASSES]")
     g.add_argument("--image-size", type=int, default=None, help="input side; default: the model's (32 or 224)")
-    g.add_argument("--dropout", type=float, default=D.dropout)
+    g.add_argument("--dropout", type=float, default=D.dropout, help="dropout rate before each hidden FC layer")
     g.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")
     g = p.add_argument_group("how long")
     g.add_argument("--batch", type=int, default=D.batch, help="examples per worker per step (the paper's B)")
     g.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
-    g.add_argument("--epochs", type=float, default=D.epochs)
+    g.add_argument("--epochs", type=float, default=D.epochs, help="passes over the training set (fractions allowed)")
     g = p.add_argument_group("recipe")
     g.add_argument("--lr", type=float, default=D.lr, help="weight learning rate at one worker; biases get --bias-lr-mult x")
     g.add_argument("--momentum", type=float, default=None,
                    help=f"default {D.momentum}; {ASYNC_MOMENTUM} for hogwild/paramserver, whose staleness already acts as "
                         "momentum (Mitliagkas et al. 2016): at 0.9 they stalled at chance in about half the runs")
     g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="on weights only")
-    g.add_argument("--bias-lr-mult", type=float, default=D.bias_lr_mult)
+    g.add_argument("--bias-lr-mult", type=float, default=D.bias_lr_mult, help="biases learn this many times faster than weights")
     g.add_argument("--lr-mult", action="append", default=[], metavar="GLOB=MULT",
                    help="per-layer lr multiplier on parameter names, e.g. 'head.*=0.5' (repeatable)")
-    g.add_argument("--schedule", choices=SCHEDULES, default=D.schedule)
-    g.add_argument("--lr-drops", type=lambda s: tuple(float(x) for x in s.split(",")), default=D.lr_drops,
+    g.add_argument("--schedule", choices=SCHEDULES, default=D.schedule, help="learning-rate schedule: " + " | ".join(SCHEDULES))
+    g.add_argument("--lr-drops", type=fractions, default=D.lr_drops,
                    help="fractions of training where the step schedule multiplies lr by --lr-drop-factor")
-    g.add_argument("--lr-drop-factor", type=float, default=D.lr_drop_factor)
+    g.add_argument("--lr-drop-factor", type=float, default=D.lr_drop_factor, help="step schedule: lr multiplier at each drop; exp: at the end")
     g.add_argument("--lr-scale", choices=LR_SCALES, default=D.lr_scale, help="lr scaling for a K-times larger batch")
-    g.add_argument("--seed", type=int, default=D.seed)
+    g.add_argument("--seed", type=int, default=D.seed, help="initial weights, data order, augmentation and dropout")
     g = p.add_argument_group("parallelism")
     g.add_argument("--workers", type=int, default=None,
                    help="K worker processes (or one per GPU); default 1, or under torchrun its processes (less --servers)")
@@ -85,7 +110,7 @@ def add_train_parser(sub) -> None:
     g.add_argument("--servers", type=int, default=D.servers, help="paramserver: server processes")
     g.add_argument("--fetch-every", type=int, default=D.fetch_every, help="paramserver: fetch weights every N steps")
     g.add_argument("--push-every", type=int, default=D.push_every, help="paramserver: push gradients every N steps")
-    g.add_argument("--device", choices=DEVICES, default=D.device)
+    g.add_argument("--device", choices=DEVICES, default=D.device, help="cpu (gloo) or cuda (NCCL; worker i on GPU i)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     g.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s, help="seconds before a stuck collective fails")
     g.add_argument("--max-restarts", type=int, default=D.max_restarts, help="restart the job this many times after a worker dies")
@@ -98,8 +123,8 @@ def add_train_parser(sub) -> None:
                    help="start afresh in an --out that holds a run: removes onetrick's files there, keeps any other")
     g.add_argument("--eval-every", type=int, default=D.eval_every, help="test error every N steps")
     g.add_argument("--eval-views", type=int, choices=(1, 10), default=D.eval_views, help="1: centre crop, 10: corners+centre, flipped")
-    g.add_argument("--log-every", type=int, default=D.log_every)
-    g.add_argument("--ckpt-every", type=int, default=D.ckpt_every)
+    g.add_argument("--log-every", type=int, default=D.log_every, help="write a metrics.jsonl record every N steps")
+    g.add_argument("--ckpt-every", type=int, default=D.ckpt_every, help="checkpoint every N steps (and at the end)")
     g.add_argument("--on-nan", choices=("stop", "skip"), default=D.on_nan, help="a non-finite loss stops training or skips the step")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--debug", action="store_true",
@@ -185,7 +210,7 @@ def add_eval_parser(sub) -> None:
     """Define ``onetrick eval``."""
     p = sub.add_parser("eval", help="test error of a run's newest checkpoint")
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--views", type=int, choices=(1, 10), default=1)
+    p.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: centre crop, 10: corners+centre, flipped")
     p.add_argument("--data", default=None, help="data spec (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
@@ -193,7 +218,7 @@ def add_eval_parser(sub) -> None:
 def add_export_parser(sub) -> None:
     """Define ``onetrick export``."""
     p = sub.add_parser("export", help="write a run's newest checkpoint as one file: weights, model name, classes, input (onetrick.load reads it)")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="run directory")
     p.add_argument("-o", "--output", type=Path, default=None, help="default: RUN/model.pt")
     p.set_defaults(func=cmd_export)
 
@@ -203,7 +228,7 @@ def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="error curves of runs and first-layer filters (PNG)")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("-o", "--output", default="plots", help="output folder")
-    p.add_argument("--no-filters", action="store_true")
+    p.add_argument("--no-filters", action="store_true", help="curves only, no first-layer filter image")
     p.set_defaults(func=cmd_plot)
 
 
@@ -218,7 +243,8 @@ def _definer(spec: str):
 def build_parser() -> argparse.ArgumentParser:
     """The ``onetrick`` parser with every command of :data:`COMMANDS`."""
     parser = OneLineParser(prog="onetrick", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"onetrick {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, spec in COMMANDS.items():
         _definer(spec)(sub)
         if name not in sub.choices:
@@ -229,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # `onetrick` alone: what it can do
+        parser.print_help()
+        return 0
     from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed.runtime import WorkerFailure

@@ -196,17 +196,17 @@ def add_parser(sub) -> None:
     p.add_argument("--variants", type=comma_choices(VARIANTS, "variant"), default=",".join(VARIANTS),
                    help="data: synchronous data parallelism; hybrid-full: (K*B, K*B); hybrid-worker: (K*B, B)")
     p.add_argument("--seeds", type=comma_ints, default="0", help="one run per seed")
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--data", default=d.data)
+    p.add_argument("--model", default=d.model, help="as train --model")
+    p.add_argument("--data", default=d.data, help="as train --data")
     p.add_argument("--batch", type=int, default=16, help="B, examples per worker per step")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--epochs", type=float, default=d.epochs, help="the same epochs for every row")
     p.add_argument("--lr", type=float, default=d.lr, help="one worker's weight learning rate")
     p.add_argument("--lr-scale", choices=LR_SCALES, default="linear", help="conv lr for K workers (the paper's configs: linear)")
     p.add_argument("--scheme", choices=("a", "b", "c"), default="b",
                    help="hybrid scheme (hybrid-worker needs b or c)")
     p.add_argument("--eval-every", type=int, default=20, help="test error every N steps (the curves)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per worker")
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md, OUT.json, OUT.png; run directories in OUT/runs")
     p.set_defaults(func=cmd_study)
 

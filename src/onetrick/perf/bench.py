@@ -42,8 +42,8 @@ def add_parser(sub) -> None:
                         "which other processes used least CPU (all rounds are kept in the JSON)")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                    help="before each configuration wait up to S seconds for other processes to use < 0.3 cores")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout rate in the timed steps")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and synthetic data")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop in the one-worker job")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
