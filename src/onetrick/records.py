@@ -83,6 +83,8 @@ class Totals:
         self.comm_wait_s: float = state.get("comm_wait_s", 0.0)
         self.bytes: dict[str, int] = dict(state.get("bytes", {}))
         self.skipped: int = state.get("skipped_steps", 0)
+        self.eval_s: float = state.get("eval_s", 0.0)         # in test evaluations
+        self.checkpoint_s: float = state.get("checkpoint_s", 0.0)
         self.prior_wall_s: float = state.get("wall_s", 0.0)   # earlier attempts' share
         self.attempts: int = state.get("attempts", 0) + 1
 
@@ -96,16 +98,19 @@ class Totals:
     def state(self, wall: float) -> dict:
         """What a checkpoint stores; ``wall``: this attempt's seconds so far."""
         return {"steps": self.steps, "images": self.images, "comm_wait_s": self.comm_wait_s, "bytes": self.bytes,
-                "skipped_steps": self.skipped, "wall_s": self.prior_wall_s + wall, "attempts": self.attempts}
+                "skipped_steps": self.skipped, "wall_s": self.prior_wall_s + wall, "attempts": self.attempts,
+                "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s}
 
     def summary(self, wall: float) -> dict:
         """summary.json's counters; ``wall``: this attempt's seconds (earlier ones are added)."""
         wall += self.prior_wall_s
         steps = max(1, self.steps)
-        return {"wall_s": wall, "images_per_s": self.images / wall if wall else 0.0,
+        train = max(0.0, wall - self.eval_s - self.checkpoint_s)   # images/s counts training alone
+        return {"wall_s": wall, "train_s": train, "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s,
+                "images_per_s": self.images / train if train else 0.0,
                 "bytes_per_step": {tag: n / steps for tag, n in self.bytes.items()},
                 "bytes_per_step_total": sum(self.bytes.values()) / steps,
-                "comm_wait_fraction": self.comm_wait_s / wall if wall else 0.0,
+                "comm_wait_fraction": self.comm_wait_s / train if train else 0.0,
                 "skipped_steps": self.skipped, "attempts": self.attempts}
 
 

@@ -117,12 +117,20 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
             bar.set_postfix(loss=f"{record['loss']:.3f}", err=f"{record['train_error']:.3f}")
             interval_start, interval_images = now, 0
         if step % cfg.eval_every == 0 or step == total:
+            if step == total:
+                bar.close()  # the bar counts training steps; the final evaluation is not one
+            eval_start = time.perf_counter()
             test = evaluate(strategy, data, cfg)
+            totals.eval_s += time.perf_counter() - eval_start
             log.write({"kind": "test", "step": step, "epoch": step / per_epoch, **test})
+            if rt.is_main and cfg.progress:
+                bar.write(f"step {step}: test top-1 error {test['top1_error']:.2%}, top-5 {test['top5_error']:.2%}")
             strategy.set_training(True)
         if step % cfg.ckpt_every == 0 or step == total:
-            meta["totals"] = totals.state(time.perf_counter() - start_time)
+            ckpt_start = time.perf_counter()
+            meta["totals"] = totals.state(ckpt_start - start_time)
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
+            totals.checkpoint_s += time.perf_counter() - ckpt_start
     bar.close()
     summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
