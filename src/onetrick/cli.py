@@ -21,6 +21,9 @@ from .config import (
 )
 
 D = TrainConfig()
+DATA_HELP = ("digits (bundled) | fashion-mnist[:DIR] (DIR, DIR/FashionMNIST/raw, else Debian's dataset-fashion-mnist "
+             "in /usr/share/datasets/fashion-mnist) | cifar10:DIR (torchvision's cifar-10-batches-py) | "
+             "imagefolder:PATH | synthetic[:CLASSES]")
 ASYNC_MOMENTUM = 0.5
 
 
@@ -36,7 +39,12 @@ def _train_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012")
-    g.add_argument("--data", default=D.data, help="digits (bundled) | imagefolder:PATH | synthetic[:CLASSES]")
+    g.add_argument("--data", default=D.data, help=DATA_HELP)
+    g.add_argument("--train-examples", type=int, default=None, metavar="N",
+                   help="train on a fixed class-stratified subset of N training examples (same for every seed); "
+                        "the test set stays whole")
+    g.add_argument("--download", action="store_true",
+                   help="fashion-mnist:DIR / cifar10:DIR: let torchvision download the files into DIR (needs internet)")
     g.add_argument("--image-size", type=int, default=None, help="input side; default: the model's (32 or 224)")
     g.add_argument("--dropout", type=float, default=D.dropout)
     g.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")

@@ -67,6 +67,8 @@ class TrainConfig:
     ckpt_every: int = 200
     on_nan: str = "stop"                    # stop | skip
     skip_corrupt: bool = False
+    train_examples: int | None = None       # a fixed class-stratified subset of the training set
+    download: bool = False                  # torchvision's download of fashion-mnist:DIR / cifar10:DIR
     progress: bool = True
 
     def replace(self, **changes) -> TrainConfig:
@@ -91,7 +93,7 @@ class TrainConfig:
         _check(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}; choose stop or skip")
         _check(self.eval_views in (1, 10), f"--eval-views must be 1 or 10 (got {self.eval_views})")
         _check(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
-        _check_data_spec(self.data)
+        _check_data_spec(self.data, self.train_examples, self.download)
         for item in self.lr_mult:
             _check("=" in item and _is_float(item.split("=", 1)[1]), f"--lr-mult expects GLOB=NUMBER (got {item!r})")
         if self.scheme is not None:
@@ -129,15 +131,15 @@ class TrainConfig:
         return self.workers + (self.servers if self.strategy == "paramserver" else 0)
 
 
-def _check_data_spec(spec: str) -> None:
-    """Cheap checks of --data that must fail before any worker starts."""
-    kind, _, arg = spec.partition(":")
-    _check(kind in ("digits", "synthetic", "imagefolder"),
-           f"unknown --data {spec!r}; use digits, synthetic[:CLASSES] or imagefolder:PATH")
-    if kind == "imagefolder":
-        _check(bool(arg) and Path(arg).is_dir(), f"data path not found: {arg or '(empty)'}")
-    if kind == "synthetic" and arg:
-        _check(arg.isdigit() and int(arg) >= 2, f"--data synthetic:CLASSES needs an integer >= 2 (got {arg!r})")
+def _check_data_spec(spec: str, train_examples: int | None, download: bool) -> None:
+    """--data, --train-examples and --download, checked (and the download done, once) in
+    the launching process: a missing file fails here, not in K workers."""
+    from .data import DataError, check_spec
+
+    try:
+        check_spec(spec, train_examples, download)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check(ok: bool, message: str) -> None:
