@@ -240,3 +240,30 @@ def test_smallnet_learns_a_fashion_mnist_subset(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_examples"] == 10_000 and summary["steps"] == 2 * (2000 // 32)
     assert summary["top1_error"] < 0.32
+
+
+def test_download_goes_through_torchvision_once_and_fails_in_one_line(tmp_path, monkeypatch):
+    """No internet here: torchvision's FashionMNIST is replaced by fakes that write the
+    files where torchvision would, or fail as torchvision does (a multi-line message)."""
+    import torchvision.datasets
+
+    calls = []
+
+    class Downloads:
+        def __init__(self, root, train=True, download=False):
+            calls.append((str(root), download))
+            _write_fashion(tmp_path / "fm" / "FashionMNIST" / "raw", gz=False)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Downloads)
+    TrainConfig(data=f"fashion-mnist:{tmp_path / 'fm'}", download=True).validate()
+    assert calls == [(str(tmp_path / "fm"), True)]
+    assert len(build_data(f"fashion-mnist:{tmp_path / 'fm'}", image_size=32).train) == 30
+
+    class Offline:
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got:\n<urlopen error>")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(ConfigError, match="Fashion-MNIST download into .* failed: Error downloading") as info:
+        TrainConfig(data=f"fashion-mnist:{tmp_path / 'other'}", download=True).validate()
+    assert "\n" not in str(info.value)
