@@ -221,7 +221,8 @@ def test_synthetic_shapes_and_determinism():
 # ------------------------------------------------------------------------------ specs
 
 
-@pytest.mark.parametrize("spec", ["mnist", "synthetic:x", "synthetic:1", "imagefolder:", "", "digits:3"])
+@pytest.mark.parametrize("spec", ["mnist", "synthetic:x", "synthetic:1", "imagefolder:", "", "digits:3", "cifar10",
+                                  "cifar10:", "fashion-mnist:"])
 def test_bad_specs(spec):
     with pytest.raises(DataError) as info:
         build_data(spec, image_size=32)
@@ -229,8 +230,9 @@ def test_bad_specs(spec):
 
 
 def test_unknown_spec_lists_valid_forms():
-    with pytest.raises(DataError, match="imagefolder:PATH"):
-        build_data("cifar10", image_size=32)
+    with pytest.raises(DataError, match="imagefolder:PATH") as info:
+        build_data("cifar100", image_size=32)
+    assert "fashion-mnist[:DIR]" in str(info.value) and "cifar10:DIR" in str(info.value)
 
 
 def test_bad_image_size():

@@ -23,6 +23,9 @@ from .config import (
 )
 
 D = TrainConfig()
+DATA_HELP = ("digits (bundled) | fashion-mnist[:DIR] (DIR, DIR/FashionMNIST/raw, else Debian's dataset-fashion-mnist "
+             "in /usr/share/datasets/fashion-mnist) | cifar10:DIR (torchvision's cifar-10-batches-py) | "
+             "imagefolder:PATH | synthetic[:CLASSES]")
 ASYNC_MOMENTUM = 0.5
 
 #: Every subcommand, in ``onetrick --help`` order: its name -> ``"module[:function]"``
@@ -77,7 +80,12 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)")
     g = p.add_argument_group("what to train")
     g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012 | torchvision:NAME (alexnet, vgg11, vgg16, ...: untrained)")
-    g.add_argument("--data", default=D.data, help="digits (bundled) | imagefolder:PATH | synthetic[:CLASSES]")
+    g.add_argument("--data", default=D.data, help=DATA_HELP)
+    g.add_argument("--train-examples", type=int, default=None, metavar="N",
+                   help="train on a fixed class-stratified subset of N training examples (same for every seed); "
+                        "the test set stays whole")
+    g.add_argument("--download", action="store_true",
+                   help="fashion-mnist:DIR / cifar10:DIR: let torchvision download the files into DIR (needs internet)")
     g.add_argument("--image-size", type=int, default=None, help="input side; default: the model's (32 or 224)")
     g.add_argument("--dropout", type=float, default=D.dropout, help="dropout rate before each hidden FC layer")
     g.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")

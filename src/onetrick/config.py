@@ -69,6 +69,8 @@ class TrainConfig:
     ckpt_every: int = 200
     on_nan: str = "stop"                    # stop | skip
     skip_corrupt: bool = False
+    train_examples: int | None = None       # a fixed class-stratified subset of the training set
+    download: bool = False                  # torchvision's download of fashion-mnist:DIR / cifar10:DIR
     progress: bool = True
     debug: bool = False                     # full tracebacks on the console instead of RUN/error.log
 
@@ -87,7 +89,7 @@ class TrainConfig:
                 check_model(self.model, self.image_size)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-            _check_data_spec(self.data)
+            _check_data_spec(self.data, self.train_examples, self.download)
         _check(self.batch >= 1, f"--batch must be at least 1 (got {self.batch})")
         _check(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         _check(self.epochs > 0, f"--epochs must be positive (got {self.epochs})")
@@ -158,15 +160,15 @@ class TrainConfig:
         return self.workers + (self.servers if self.strategy == "paramserver" else 0)
 
 
-def _check_data_spec(spec: str) -> None:
-    """Cheap checks of --data that must fail before any worker starts."""
-    kind, _, arg = spec.partition(":")
-    _check(kind in ("digits", "synthetic", "imagefolder"),
-           f"unknown --data {spec!r}; use digits, synthetic[:CLASSES] or imagefolder:PATH")
-    if kind == "imagefolder":
-        _check(bool(arg) and Path(arg).is_dir(), f"data path not found: {arg or '(empty)'}")
-    if kind == "synthetic" and arg:
-        _check(arg.isdigit() and int(arg) >= 2, f"--data synthetic:CLASSES needs an integer >= 2 (got {arg!r})")
+def _check_data_spec(spec: str, train_examples: int | None, download: bool) -> None:
+    """--data, --train-examples and --download, checked (and the download done, once) in
+    the launching process: a missing file fails here, not in K workers."""
+    from .data import DataError, check_spec
+
+    try:
+        check_spec(spec, train_examples, download)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check(ok: bool, message: str) -> None:

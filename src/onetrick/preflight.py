@@ -133,7 +133,7 @@ def _data(cfg: TrainConfig):
     from .models import input_size
 
     return build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
-                      skip_corrupt=cfg.skip_corrupt)
+                      skip_corrupt=cfg.skip_corrupt, train_examples=cfg.train_examples)
 
 
 def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:

@@ -28,6 +28,8 @@ from .plot import new_figure, read_metrics
 from .recipe import lr_scale_factor
 
 VARIANTS = ("data", "hybrid-full", "hybrid-worker")
+DATA_NAMES = {"digits": "digits (scikit-learn's bundled 8x8 digits, 1,437 train / 360 test)",
+              "fashion-mnist": "Fashion-MNIST (60,000 train / 10,000 test, 28x28 grey, 10 classes)"}
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ def table_rows(rows: list[Row], summaries: dict[str, dict], base: TrainConfig) -
 
 
 def markdown(lines: list[dict], base: TrainConfig, command: str, scheme: str = "b") -> str:
-    data = base.data if base.data != "digits" else "digits (scikit-learn's bundled 8x8 digits, 1,437 train / 360 test)"
+    data = DATA_NAMES.get(base.data.partition(":")[0], base.data)
+    if base.train_examples:
+        data += f", a fixed class-stratified subset of {base.train_examples:,} training examples (`--train-examples`)"
     out = [f"```\n{command}\n```\n",
            f"Model `{base.model}`, data {data}, B = {base.batch} per worker, {base.epochs:g} epochs, lr {base.lr:g} "
            f"(`--lr-scale {base.lr_scale}` for the conv layers), `--schedule {base.schedule}`, hybrid scheme ({scheme}). "
@@ -197,7 +201,10 @@ def add_parser(sub) -> None:
                    help="data: synchronous data parallelism; hybrid-full: (K*B, K*B); hybrid-worker: (K*B, B)")
     p.add_argument("--seeds", type=comma_ints, default="0", help="one run per seed")
     p.add_argument("--model", default=d.model, help="as train --model")
-    p.add_argument("--data", default=d.data, help="as train --data")
+    p.add_argument("--data", default=d.data, help="as train's --data, e.g. digits or fashion-mnist")
+    p.add_argument("--train-examples", type=int, default=None, metavar="N",
+                   help="every row trains on the same class-stratified subset of N examples; the test set stays whole")
+    p.add_argument("--download", action="store_true", help="as train's --download")
     p.add_argument("--batch", type=int, default=16, help="B, examples per worker per step")
     p.add_argument("--epochs", type=float, default=d.epochs, help="the same epochs for every row")
     p.add_argument("--lr", type=float, default=d.lr, help="one worker's weight learning rate")
@@ -217,7 +224,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     base = TrainConfig(model=args.model, data=args.data, batch=args.batch, epochs=args.epochs, lr=args.lr,
                        lr_scale=args.lr_scale, threads=args.threads, device=args.device,
-                       eval_every=args.eval_every, log_every=args.eval_every)
+                       eval_every=args.eval_every, log_every=args.eval_every,
+                       train_examples=args.train_examples, download=args.download)
     base.validate()
     command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = run_study(base, args.workers, args.variants, args.seeds, args.out, command, args.scheme)

@@ -24,7 +24,8 @@ def setup(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> tuple[
         data, model = source.build()
         return data, parallelize(model, cfg, rt)
     size = cfg.image_size or input_size(cfg.model)
-    data = build_data(cfg.data, image_size=size, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt)
+    data = build_data(cfg.data, image_size=size, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
+                      train_examples=cfg.train_examples)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, dropout=cfg.dropout)
     return data, parallelize(model, cfg, rt)

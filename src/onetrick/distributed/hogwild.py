@@ -226,8 +226,9 @@ def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue,
 
 def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source: Source | None = None) -> dict:
     torch.set_num_threads(_threads(cfg, cfg.workers))
-    data = source.data if source is not None else build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
-                      skip_corrupt=cfg.skip_corrupt)
+    data = source.data if source is not None else build_data(
+        cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
+        train_examples=cfg.train_examples)
     device = torch.device(cfg.device)
     rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
     strategy = SingleStrategy(model, local_config(cfg), rt)  # its own momentum, the shared weights
