@@ -81,7 +81,8 @@ def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
             return done
     print(f"{row.name}: training ({cfg.workers} worker(s), {cfg.strategy}"
           + (f", scheme {cfg.scheme}, fc-batch {cfg.fc_batch}" if cfg.strategy == "hybrid" else "") + ")", flush=True)
-    return train(cfg)
+    # The study owns its row directories: an unfinished or different run there is redone.
+    return train(cfg.replace(overwrite=True))
 
 
 def _lrs(row: Row, base: TrainConfig) -> tuple[float, float]:
