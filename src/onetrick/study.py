@@ -67,6 +67,10 @@ def study_rows(workers: list[int], variants: list[str], seeds: list[int], scheme
     return rows
 
 
+#: options that say how a run is carried out, not what it computes: ignored when reusing a row
+BOOKKEEPING = {"overwrite", "resume", "progress", "debug"}
+
+
 def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
     """Train one row (or reuse its finished run); return its summary."""
     from .train import train
@@ -76,7 +80,7 @@ def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
     if summary_path.is_file():
         done = json.loads(summary_path.read_text())
         wanted = json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}))
-        if all(done["config"].get(k) == v for k, v in wanted.items()):
+        if all(done["config"].get(k) == v for k, v in wanted.items() if k not in BOOKKEEPING):
             print(f"{row.name}: reusing the finished run in {cfg.out}", flush=True)
             return done
     print(f"{row.name}: training ({cfg.workers} worker(s), {cfg.strategy}"
