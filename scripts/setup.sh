@@ -19,6 +19,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch/torchvision are pinned to the releases this project is tested with; pip's
 # ranges in pyproject.toml admit any later release for users elsewhere.
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
+# ONETRICK_TORCH_INDEX=URL takes them from another index (e.g. torch's CPU-only wheels).
+INDEX=()
+if [ -n "${ONETRICK_TORCH_INDEX:-}" ]; then INDEX=(--index-url "$ONETRICK_TORCH_INDEX"); fi
+.venv/bin/python -m pip install -q "${INDEX[@]}" "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, torchvision, onetrick" 
