@@ -135,6 +135,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--ckpt-every", type=int, default=D.ckpt_every, help="checkpoint every N steps (and at the end)")
     g.add_argument("--on-nan", choices=("stop", "skip"), default=D.on_nan, help="a non-finite loss stops training or skips the step")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write metrics.jsonl's scalars for TensorBoard in RUN/tensorboard/")
     g.add_argument("--debug", action="store_true",
                    help="print workers' full tracebacks (otherwise one line, and the traceback in RUN/error.log)")
     p.set_defaults(func=cmd_train)

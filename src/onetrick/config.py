@@ -6,6 +6,7 @@ kept its layer definitions apart from its layer parameters.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class TrainConfig:
     train_examples: int | None = None       # a fixed class-stratified subset of the training set
     download: bool = False                  # torchvision's download of fashion-mnist:DIR / cifar10:DIR
     progress: bool = True
+    tensorboard: bool = False               # also write RUN/tensorboard/ (torch.utils.tensorboard)
     debug: bool = False                     # full tracebacks on the console instead of RUN/error.log
 
     def replace(self, **changes) -> TrainConfig:
@@ -107,6 +109,9 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
         _check(0 < self.timeout_s < math.inf, f"--timeout must be a positive number of seconds (got {self.timeout_s})")
+        if self.tensorboard:
+            _check(importlib.util.find_spec("tensorboard") is not None,
+                   "--tensorboard needs the tensorboard package: pip install 'onetrick[tensorboard]'")
         _check(self.max_restarts >= 0, f"--max-restarts must be at least 0 (got {self.max_restarts})")
         _check(self.servers >= 1, f"--servers must be at least 1 (got {self.servers})")
         _check(self.fetch_every >= 1, f"--fetch-every must be at least 1 (got {self.fetch_every})")

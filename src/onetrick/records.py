@@ -123,10 +123,18 @@ class RunLog:
     appends to the file another process of the same run started.
     """
 
-    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None, attach: bool = False) -> None:
+    def __init__(self, out: Path, enabled: bool, resumed_at: int | None = None, attach: bool = False,
+                 tensorboard: bool = False) -> None:
         self.enabled = enabled
         self.path = Path(out) / "metrics.jsonl"
-        if not enabled or attach:
+        self.board = None
+        if not enabled:
+            return
+        if tensorboard:  # the same scalars as metrics.jsonl, for `tensorboard --logdir RUN/tensorboard`
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=resumed_at)
+        if attach:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
         kept = _records_up_to(self.path, resumed_at) if resumed_at is not None else []
@@ -136,6 +144,17 @@ class RunLog:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(to_json(record) + "\n")
+            if self.board is not None:
+                self._scalars(record)
+
+    def _scalars(self, record: dict) -> None:
+        kind, step = record.get("kind", "train"), record["step"]
+        for key, value in record.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.board.add_scalar(f"{kind}/{key}", value, step)
+        for tag, value in (record.get("bytes") or {}).items():
+            self.board.add_scalar(f"{kind}/bytes/{tag}", value, step)
+        self.board.flush()
 
     def summary(self, out: Path, summary: dict) -> None:
         if self.enabled:

@@ -35,7 +35,7 @@ LATEST = "latest"
 RUN_FILE = "run.json"
 HOLDS_RUN = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE)
 # what --overwrite removes: the files above, their half-written forms, and export's default output
-OWN_FILES = (*HOLDS_RUN, "metrics.jsonl.tmp", "summary.json.tmp", "run.json.tmp", "model.pt")
+OWN_FILES = (*HOLDS_RUN, "metrics.jsonl.tmp", "summary.json.tmp", "run.json.tmp", "model.pt", "tensorboard", "error.log")
 
 
 def prepare(cfg: TrainConfig) -> TrainConfig:

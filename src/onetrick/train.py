@@ -81,7 +81,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
     step, totals, run_id = start(rt, cfg, strategy)
     if step >= total:  # checkpoints too old to carry train_examples for rundir's check
         raise CheckpointError(f"--resume: the run in {cfg.out} is at step {step}; ask for more --steps or --epochs")
-    log = RunLog(cfg.out, rt.is_main, resumed_at=step if step else None)
+    log = RunLog(cfg.out, rt.is_main, resumed_at=step if step else None, tensorboard=cfg.tensorboard)
     meta = {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes,
             "run_id": run_id, "train_examples": len(data.train)}
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rt.is_main), desc="train", unit="step",

@@ -233,7 +233,7 @@ def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source:
     rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
     strategy = SingleStrategy(model, local_config(cfg), rt)  # its own momentum, the shared weights
     total = total_steps(data, cfg)
-    log = RunLog(cfg.out, index == 0, attach=True)  # the parent started the file
+    log = RunLog(cfg.out, index == 0, attach=True, tensorboard=cfg.tensorboard)  # the parent started the file
     return worker_loop(cfg, data, strategy, index, log,
                        before_step=lambda step: set_lr(strategy.optimizers(), schedule_factor(cfg, step, total)))
 

@@ -111,7 +111,7 @@ def _process(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dic
     bucket = _Bucket(list(strategy.model.named_parameters()), cfg.servers, rt.rank - cfg.workers if is_server else 0)
     if rt.is_main:
         rundir.begin(cfg, fresh=True)
-    log = RunLog(cfg.out, rt.is_main)
+    log = RunLog(cfg.out, rt.is_main, tensorboard=cfg.tensorboard)
     if is_server:
         server = _Server(cfg, strategy.comm, bucket, total_steps(data, cfg))
         mine = server.serve()
