@@ -36,6 +36,10 @@ def train(cfg: TrainConfig) -> dict:
     """Validate, launch the workers, return worker 0's summary. The CLI's ``train``."""
     cfg.validate()
     preflight.check(cfg)
+    if cfg.strategy == "auto" or cfg.scheme == "auto":   # planned once, here, before any worker starts
+        from .perf.plan import resolve_auto
+
+        cfg = resolve_auto(cfg).validate()
     if cfg.resume:
         checkpoint.check_compatible(cfg.out, cfg.model)
     if cfg.strategy == "hogwild":
@@ -129,9 +133,11 @@ class Totals:
     def __init__(self) -> None:
         self.steps, self.images, self.comm_wait_s = 0, 0, 0.0
         self.bytes: dict[str, int] = {}
+        self.step_s: list[float] = []
 
-    def add(self, images: int, comm: dict) -> None:
+    def add(self, images: int, comm: dict, step_s: float = 0.0) -> None:
         self.steps += 1
+        self.step_s.append(step_s)
         self.images += images
         self.comm_wait_s += comm["comm_wait_s"]
         for tag, n in comm["bytes"].items():
@@ -195,7 +201,9 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         logging_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
         before = weights_copy(strategy.model) if logging_now and rt.is_main else {}
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
+        step_t0 = time.perf_counter()
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
+        step_s = time.perf_counter() - step_t0
         if strategy.nonfinite and cfg.on_nan == "stop":
             raise NonFiniteLoss(f"non-finite loss at step {step}; weights left at the last checkpoint in {cfg.out}")
         step += 1
@@ -203,7 +211,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         bar.update(1)
         interval_images += out.count
         comm = strategy.comm.take()
-        totals.add(out.count, comm)
+        totals.add(out.count, comm, step_s)
         if logging_now:
             now = time.perf_counter()
             record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch(data, cfg), "loss": out.loss,
@@ -226,5 +234,8 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         test = evaluate(strategy, data, cfg)
     summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
+    if cfg.plan:   # --strategy/--scheme auto: the plan, its prediction and this run's measured step
+        measured = sorted(totals.step_s[1:] or totals.step_s)
+        summary["plan"] = {**cfg.plan, "measured_step_ms": measured[len(measured) // 2] * 1e3 if measured else None}
     log.summary(cfg.out, summary)
     return summary
