@@ -87,6 +87,7 @@ class Link:
     gbps: float | None = None
     latency_us: float = 0.0
     collective_us: float = 0.0
+    cpu_us_per_mb: float = 0.0   # CPU gloo spends per MB sent (copies, sums): steals compute when overlapped
 
     @classmethod
     def from_measured(cls, link: dict) -> Link:
@@ -95,9 +96,10 @@ class Link:
         latency, so where it was measured it replaces latency x messages."""
         gbps = (link.get("measured_mbps") or 0) / 1e3 or None
         coll = link.get("collective_us")
+        cpu = link.get("cpu_us_per_mb") or 0.0
         if coll:
-            return cls(gbps, 0.0, statistics.mean(coll.values()))
-        return cls(gbps, link.get("latency_us") or 0.0, 0.0)
+            return cls(gbps, 0.0, statistics.mean(coll.values()), cpu)
+        return cls(gbps, link.get("latency_us") or 0.0, 0.0, cpu)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, 
     outside the head)."""
     plan = Schedule(blocks, costs, k, variant.cut if variant.strategy == "hybrid" else 0)
     bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
-    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6)
+    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.cpu_us_per_mb * 1e-12)
     w.compute(costs.overhead(batch))
     walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
     comm = w.comm_s

@@ -203,11 +203,14 @@ def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
                 ar.append(t1 - t0)
                 ag.append(time.perf_counter() - t1)
             fixed = statistics.median(ar[1:])
-            for _ in range(reps + 1):
+            pg.allreduce([big]).wait()
+            c0 = time.process_time()
+            for _ in range(reps):
                 t0 = time.perf_counter()
                 pg.allreduce([big]).wait()
                 bw.append(2 * (k - 1) / k * big.numel() * 4 / max(1e-9, time.perf_counter() - t0 - fixed))
-            found[rank] = {"measured_mbps": statistics.median(bw[1:]) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
+            cpu = (time.process_time() - c0) / k / (reps * 2 * (k - 1) / k * big.numel() * 4)   # all k threads
+            found[rank] = {"cpu_us_per_mb": cpu * 1e12, "measured_mbps": statistics.median(bw) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
                            "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
                            "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
         except BaseException as err:   # surfaced in the caller's thread

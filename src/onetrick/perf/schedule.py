@@ -38,8 +38,10 @@ def _messages(op: str, k: int) -> int:
 class WorkerClock:
     """One worker's step: a compute cursor and a FIFO link."""
 
-    def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0) -> None:
+    def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0,
+                 cpu_per_byte: float = 0.0) -> None:
         self.k, self.bw, self.lat, self.slow, self.per_coll = k, bw_bytes, latency_s, slow, per_coll_s
+        self.cpu_per_byte = cpu_per_byte
         self.t = 0.0
         self.link_free = 0.0
         self.bytes: dict[str, int] = defaultdict(int)
@@ -65,6 +67,8 @@ class WorkerClock:
         if not async_op:
             self.blocking += 1
             self.wait(done)
+        elif self.cpu_per_byte:   # gloo's copies and sums run beside the compute, on the same cores
+            self.compute(sent * self.cpu_per_byte)
         return done
 
     def wait(self, done: float) -> None:
