@@ -13,7 +13,7 @@ def _subcommands(parser) -> dict:
 def test_every_registered_command_is_defined_in_order_with_its_function():
     parser = build_parser()
     assert list(_subcommands(parser)) == list(COMMANDS) == ["train", "eval", "export", "plot", "study", "bench",
-                                                            "simulate"]
+                                                            "simulate", "plan"]
     assert parser.parse_args(["train"]).func is cmd_train
     assert parser.parse_args(["simulate", "--profile", "gtx-titan"]).func.__name__ == "cmd_simulate"
     assert parser.parse_args(["bench", "--workers", "1,2"]).workers == [1, 2]

@@ -40,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "study": ".study",
     "bench": ".perf.bench",
     "simulate": ".perf.simulate",
+    "plan": ".perf.plan",
 }
 
 
@@ -111,9 +112,14 @@ def add_train_parser(sub) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--workers", type=int, default=None,
                    help="K worker processes (or one per GPU); default 1, or under torchrun its processes (less --servers)")
-    g.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: single for 1 worker, data otherwise")
+    g.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="default: single for 1 worker, data otherwise; auto: the planner's choice (onetrick plan)")
     g.add_argument("--sync", choices=DATA_PARALLEL_SYNCS, default=D.sync, help="data parallelism: DDP or the paper's sharded update")
-    g.add_argument("--scheme", choices=SCHEMES, default=None, help="hybrid: how last-conv activations reach the FC layers (default b)")
+    g.add_argument("--scheme", choices=SCHEMES, default=None,
+                   help="hybrid: how last-conv activations reach the FC layers (default auto: the cost model picks a, b or c)")
+    g.add_argument("--cut", type=int, default=D.cut,
+                   help="hybrid: the first N fully-connected layers run data-parallel with the trunk, the rest "
+                        "model-parallel; 0 is the paper's cut before fc6")
     g.add_argument("--fc-batch", choices=FC_BATCHES, default=D.fc_batch, help="hybrid: FC updated once (K*B) or per round (B)")
     g.add_argument("--servers", type=int, default=D.servers, help="paramserver: server processes")
     g.add_argument("--fetch-every", type=int, default=D.fetch_every, help="paramserver: fetch weights every N steps")
@@ -151,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.momentum is None and values["strategy"] in ("hogwild", "paramserver"):
         values["momentum"] = ASYNC_MOMENTUM
     if values["strategy"] == "hybrid" and args.scheme is None:
-        values["scheme"] = "b"
+        values["scheme"] = "auto"
     return TrainConfig(**values)
 
 

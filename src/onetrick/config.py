@@ -12,9 +12,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STRATEGIES = ("single", "data", "model", "hybrid", "hogwild", "paramserver")
+STRATEGIES = ("single", "data", "model", "hybrid", "hogwild", "paramserver", "auto")
 DATA_PARALLEL_SYNCS = ("ddp", "sharded")
-SCHEMES = ("a", "b", "c")
+SCHEMES = ("a", "b", "c", "auto")
+#: whether the strategies run a hybrid with FC layers on the data-parallel side of the
+#: cut (``--cut N > 0``). The planner models such plans already; the one place that lifts
+#: the refusal is this flag.
+CUT_RUNNABLE = False
 FC_BATCHES = ("full", "worker")
 LR_SCALES = ("none", "linear", "sqrt")
 SCHEDULES = ("step", "const", "linear", "exp")
@@ -53,6 +57,8 @@ class TrainConfig:
     sync: str = "ddp"
     scheme: str | None = None
     fc_batch: str = "full"
+    cut: int = 0                            # hybrid: head Linear layers run data-parallel with the trunk
+    plan: dict | None = None                # --strategy/--scheme auto: the planner's choice and predictions
     servers: int = 1
     fetch_every: int = 1
     push_every: int = 1
@@ -134,9 +140,10 @@ class TrainConfig:
             _check(0.0 <= float(value) < math.inf, f"--lr-mult needs a multiplier >= 0 (got {item!r})")
         if self.scheme is not None:
             _check(self.strategy == "hybrid", f"--scheme {self.scheme} needs --strategy hybrid (got --strategy {self.strategy})")
-            _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b or c")
+            _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b, c or auto")
+        self._validate_cut()
         if self.fc_batch == "worker":
-            _check(self.strategy == "hybrid", "--fc-batch worker needs --strategy hybrid")
+            _check(self.strategy in ("hybrid", "auto"), "--fc-batch worker needs --strategy hybrid (or auto)")
             _check(self.scheme != "a", "--fc-batch worker needs --scheme b or c: scheme a runs the FC layers once on all K*B examples")
         if self.strategy == "single":
             _check(self.workers == 1, f"--strategy single runs one worker (got --workers {self.workers}); pick data, model, hybrid, hogwild or paramserver")
@@ -153,6 +160,23 @@ class TrainConfig:
         if self.resume and self.out is not None:
             _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
         return self
+
+    def _validate_cut(self) -> None:
+        if self.cut == 0:
+            return
+        _check(self.cut > 0, f"--cut must be at least 0 (got {self.cut})")
+        _check(self.strategy in ("hybrid", "auto"), f"--cut {self.cut} needs --strategy hybrid (got --strategy {self.strategy})")
+        import torch
+        from torch import nn
+
+        from .models import build_model
+
+        with torch.device("meta"):
+            head = build_model(self.model, 10, 3).head
+        linear = sum(isinstance(m, nn.Linear) for m in head)
+        _check(self.cut < linear, f"--cut {self.cut} must be below the {linear} fully-connected layers of {self.model} "
+                                  f"(0..{linear - 1}; {linear} would be data parallelism: --strategy data)")
+        _check(CUT_RUNNABLE or self.strategy == "auto", f"--cut {self.cut} is planned but not yet runnable")
 
     @property
     def data_parallel_degree(self) -> int:

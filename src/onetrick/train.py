@@ -34,6 +34,10 @@ def train(cfg: TrainConfig, source: Source | None = None) -> dict:
     and ``cfg.data``."""
     cfg.validate(builtin=source is None)
     preflight.check(cfg, source)
+    if cfg.strategy == "auto" or cfg.scheme == "auto":   # planned once, here, before any worker starts
+        from .perf.plan import resolve_auto
+
+        cfg = resolve_auto(cfg).validate(builtin=source is None)
     cfg = rundir.prepare(cfg)
     if cfg.strategy == "hogwild":
         from .distributed.hogwild import train_hogwild
@@ -87,7 +91,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
     bar = tqdm(total=total, initial=step, disable=not (cfg.progress and rt.is_main), desc="train", unit="step",
                mininterval=1.0, dynamic_ncols=True)
     start_time = interval_start = time.perf_counter()
-    interval_images, test = 0, {}
+    interval_images, test, step_times = 0, {}, []
     batches = train_batches(data, cfg, strategy, step)
     strategy.set_training(True)
     while step < total:
@@ -95,7 +99,9 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
         logging_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
         before = weights_copy(strategy.model) if logging_now and rt.is_main else {}
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
+        step_start = time.perf_counter()
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
+        step_times.append(time.perf_counter() - step_start)
         if strategy.nonfinite:
             if cfg.on_nan == "stop":
                 raise NonFiniteLoss(f"non-finite loss at step {step}; weights left at the last checkpoint in {cfg.out}")
@@ -134,5 +140,12 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
     bar.close()
     summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
+    if cfg.plan:   # --strategy/--scheme auto: the plan, its prediction and this run's measured step
+        summary["plan"] = {**cfg.plan, "measured_step_ms": _median_ms(step_times[1:] or step_times)}
     log.summary(cfg.out, summary)
     return summary
+
+
+def _median_ms(seconds: list[float]) -> float | None:
+    ordered = sorted(seconds)
+    return ordered[len(ordered) // 2] * 1e3 if ordered else None

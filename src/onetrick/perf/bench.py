@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="initial weights and synthetic data")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop in the one-worker job")
+    p.add_argument("--validate-plan", action="store_true",
+                   help="run every candidate the planner can pick (overrides --strategies/--sync/--scheme/--fc-batch) "
+                        "and report its pick against the best measured")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
     p.set_defaults(func=cmd_bench)
 
@@ -56,6 +59,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rounds < 1:
         raise ConfigError("--steps, --batch and --rounds must be at least 1, --warmup at least 0")
+    if args.validate_plan:
+        from .validate_plan import PLAN_STRATEGIES
+
+        for name, value in PLAN_STRATEGIES.items():
+            setattr(args, name, value)
     try:
         result = run_bench(args, log=lambda s: print(s, file=sys.stderr, flush=True))
     except NetnsError as err:
@@ -63,8 +71,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith(("onetrick", "cli.py")) else None
     result["command"] = ("onetrick " + shlex.join(argv)) if argv and argv[0] == "bench" else None
-    print(bench_report(result))
+    report = bench_report(result)
+    if args.validate_plan:
+        from .validate_plan import plan_report, validate_plan
+
+        result["validate_plan"] = validate_plan(result)
+        report += "\n\n" + plan_report(result["validate_plan"])
+    print(report)
     if args.out:
         written = write_bench(result, args.out)
+        if args.validate_plan:
+            written[0].write_text(report + "\n")
         print("wrote " + ", ".join(str(w) for w in written))
     return 0

@@ -38,27 +38,31 @@ __all__ = ["ACT_TAG", "HEAD_TAG", "STRATEGY_VARIANTS", "Link", "StepResult", "Va
            "predict", "step_bytes", "sweep", "variant_label"]
 
 
-def variant_label(strategy: str, sync: str | None = None, scheme: str | None = None, fc_batch: str = "full") -> str:
-    """The row label bench and simulate print: ``data/ddp``, ``hybrid/b/fc-B``, ``model``..."""
+def variant_label(strategy: str, sync: str | None = None, scheme: str | None = None, fc_batch: str = "full",
+                  cut: int = 0) -> str:
+    """The row label bench and simulate print: ``data/ddp``, ``hybrid/b/fc-B``, ``hybrid/a/cut2``, ``model``..."""
     if strategy == "data":
         return f"data/{sync or 'ddp'}"
     if strategy == "hybrid":
-        return f"hybrid/{scheme or 'b'}" + ("/fc-B" if fc_batch == "worker" else "")
+        return f"hybrid/{scheme or 'b'}" + ("/fc-B" if fc_batch == "worker" else "") + (f"/cut{cut}" if cut else "")
     return strategy
 
 
 class Variant(NamedTuple):
     """One way to run a step: strategy, data-parallel sync, hybrid scheme, FC batch
-    (``full`` = K*B, ``worker`` = B per round). A tuple, so it unpacks as one."""
+    (``full`` = K*B, ``worker`` = B per round) and, for the hybrid, the cut: how many
+    head Linear layers run data-parallel with the trunk (0: the paper's cut before fc6).
+    A tuple, so it unpacks as one."""
 
     strategy: str
     sync: str | None = None
     scheme: str | None = None
     fc_batch: str = "full"
+    cut: int = 0
 
     @property
     def label(self) -> str:
-        return variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
+        return variant_label(self.strategy, self.sync, self.scheme, self.fc_batch, self.cut)
 
 
 #: strategy variants the simulator knows
@@ -83,6 +87,7 @@ class Link:
     gbps: float | None = None
     latency_us: float = 0.0
     collective_us: float = 0.0
+    cpu_us_per_mb: float = 0.0   # CPU gloo spends per MB sent (copies, sums): steals compute when overlapped
 
     @classmethod
     def from_measured(cls, link: dict) -> Link:
@@ -91,9 +96,10 @@ class Link:
         latency, so where it was measured it replaces latency x messages."""
         gbps = (link.get("measured_mbps") or 0) / 1e3 or None
         coll = link.get("collective_us")
+        cpu = link.get("cpu_us_per_mb") or 0.0
         if coll:
-            return cls(gbps, 0.0, statistics.mean(coll.values()))
-        return cls(gbps, link.get("latency_us") or 0.0, 0.0)
+            return cls(gbps, 0.0, statistics.mean(coll.values()), cpu)
+        return cls(gbps, link.get("latency_us") or 0.0, 0.0, cpu)
 
 
 @dataclass
@@ -127,10 +133,11 @@ def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, 
             slow: float = 1.0) -> StepResult:
     """One step of one worker of ``variant`` at ``k`` workers and ``batch`` examples per
     worker, over ``link``; ``slow`` multiplies every compute time. Raises ValueError for
-    what is not modelled (tower-parallel model parallelism, an unknown strategy)."""
-    plan = Schedule(blocks, costs, k)
+    what is not modelled (tower-parallel model parallelism, an unknown strategy, a cut
+    outside the head)."""
+    plan = Schedule(blocks, costs, k, variant.cut if variant.strategy == "hybrid" else 0)
     bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
-    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6)
+    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.cpu_us_per_mb * 1e-12)
     w.compute(costs.overhead(batch))
     walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
     comm = w.comm_s

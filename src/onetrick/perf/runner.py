@@ -155,6 +155,7 @@ class Job:
     scheme: str | None = None
     fc_batch: str = "full"
     baseline: bool = False
+    batch: int | None = None     # per-worker batch, when not bench's --batch (model parallelism at K*B)
 
     @property
     def label(self) -> str:
@@ -223,6 +224,9 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
 
     image = args.image_size or input_size(args.model)
     jobs = expand_jobs(args.strategies, args.workers, args.sync, args.scheme, args.fc_batch, not args.no_baseline)
+    if getattr(args, "validate_plan", False):   # the planner's model parallelism: K*B examples, the same SGD
+        for job in jobs:
+            job.batch = job.workers * args.batch if job.strategy == "model" else None
     base = TrainConfig(model=args.model, data=args.data, image_size=image, batch=args.batch, threads=args.threads,
                        timeout_s=args.timeout, seed=args.seed, dropout=args.dropout, progress=False)
     cfgs = []
@@ -231,7 +235,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
             cfg = base.replace(strategy="single", workers=1)
         else:
             cfg = base.replace(strategy=job.strategy, workers=job.workers, sync=job.sync or "ddp", scheme=job.scheme,
-                               fc_batch=job.fc_batch)
+                               fc_batch=job.fc_batch, batch=job.batch or args.batch)
         cfgs.append(cfg.validate())
     gflops = matmul_gflops(args.threads)
     mbps, link_note = resolve_link(args.link_mbps, gflops)
@@ -279,7 +283,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                     lk = res[0]["link"]
                     result["link"].update(lk)
                     log(f"link: measured {lk['measured_mbps']:.0f} Mbit/s, latency {lk['latency_us']:.0f} us ({link_note})")
-                row = _summarize(job, args.batch, res)
+                row = _summarize(job, job.batch or args.batch, res)
                 row["round"] = rnd
                 if job.baseline and res[0]["plain_s"]:
                     plain = statistics.median(res[0]["plain_s"]) * 1e3
@@ -317,7 +321,7 @@ def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
     tags = sorted({t for r in ranks for t in r["bytes"]})
     sent = {t: statistics.mean(r["bytes"].get(t, 0) for r in ranks) for t in tags}
     return {"label": job.label, "strategy": job.strategy, "sync": job.sync, "scheme": job.scheme,
-            "fc_batch": job.fc_batch, "workers": k, "batches": _batch_pair(job, b),
+            "fc_batch": job.fc_batch, "workers": k, "batch": b, "batches": _batch_pair(job, b),
             "step_ms": step * 1e3, "step_ms_all": [s * 1e3 for s in r0["step_s"]],
             "local_ms": statistics.median(r0["local_s"]) * 1e3, "images_per_s": images / step,
             "bytes": sent, "bytes_weights": sent.get("weights", 0),

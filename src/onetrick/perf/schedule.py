@@ -38,8 +38,10 @@ def _messages(op: str, k: int) -> int:
 class WorkerClock:
     """One worker's step: a compute cursor and a FIFO link."""
 
-    def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0) -> None:
+    def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0,
+                 cpu_per_byte: float = 0.0) -> None:
         self.k, self.bw, self.lat, self.slow, self.per_coll = k, bw_bytes, latency_s, slow, per_coll_s
+        self.cpu_per_byte = cpu_per_byte
         self.t = 0.0
         self.link_free = 0.0
         self.bytes: dict[str, int] = defaultdict(int)
@@ -65,6 +67,8 @@ class WorkerClock:
         if not async_op:
             self.blocking += 1
             self.wait(done)
+        elif self.cpu_per_byte:   # gloo's copies and sums run beside the compute, on the same cores
+            self.compute(sent * self.cpu_per_byte)
         return done
 
     def wait(self, done: float) -> None:
@@ -101,12 +105,20 @@ def _sharded_buckets(param_sizes: list[int]) -> list[list[int]]:
 
 class Schedule:
     """The network as the simulator walks it: trunk and head block indices, the shard
-    widths at K workers, and the compute pieces every strategy is made of."""
+    widths at K workers, and the compute pieces every strategy is made of.
 
-    def __init__(self, blocks: list[Block], costs: CostProvider, k: int) -> None:
+    ``cut`` moves the first ``cut`` head Linear blocks to the data-parallel side: they
+    run with the trunk (each worker on its own B examples), their weights are
+    synchronised with the trunk's, and the activations that cross to the model-parallel
+    side are the cut layer's output, not the last convolution's."""
+
+    def __init__(self, blocks: list[Block], costs: CostProvider, k: int, cut: int = 0) -> None:
         self.blocks, self.costs, self.k = blocks, costs, k
-        self.trunk = [i for i, b in enumerate(blocks) if b.part == "trunk"]
-        self.head = [i for i, b in enumerate(blocks) if b.part == "head" and b.linear]
+        linear = [i for i, b in enumerate(blocks) if b.part == "head" and b.linear]
+        if not 0 <= cut < len(linear):
+            raise ValueError(f"cut {cut} is outside 0..{len(linear) - 1} (the head has {len(linear)} Linear layers)")
+        self.trunk = [i for i, b in enumerate(blocks) if b.part == "trunk"] + linear[:cut]
+        self.head = linear[cut:]
         self.features = numel(blocks[self.trunk[-1]].out_shape)
         self.params = [(i, n) for i, b in enumerate(blocks) for _, n in b.params]   # (block, numel)
         self.trunk_numel = sum(blocks[i].numel for i in self.trunk)
@@ -244,7 +256,8 @@ def _hybrid(plan: Schedule, w: WorkerClock, B: int, scheme: str, per_round: bool
     activations at once, (b) broadcasts them one worker per round (the next round's
     broadcast in flight during this round), (c) first exchanges them all-to-all."""
     k, Fdim, costs = plan.k, plan.features, plan.costs
-    trunk_params = [(b, n) for b, n in plan.params if plan.blocks[b].part == "trunk"]
+    trunk_side = set(plan.trunk)
+    trunk_params = [(b, n) for b, n in plan.params if b in trunk_side]
     head_share = -(-plan.head_numel // k)
     plan.trunk_forward(w, B)
     if scheme == "a":

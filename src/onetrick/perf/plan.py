@@ -1,0 +1,144 @@
+"""``onetrick plan`` and the resolution of ``train --strategy auto`` / ``--scheme auto``.
+
+``onetrick plan --model M --workers K --batch B [--link-mbps N | measured]`` prints every
+candidate of :mod:`onetrick.perf.planner` (predicted step ms, speedup, bytes by tag,
+exposed communication) and the choice with its reason in one line; ``--json`` prints
+the same as one JSON object. :func:`resolve_auto` runs the same planner once in the
+launcher, before any worker starts, so every worker runs one concrete configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from ..config import FC_BATCHES, ConfigError, TrainConfig
+from .costmodel import Link
+from .costs import PROFILES, FlopCosts
+from .planner import Plan, loopback_link, make_plan, measured_costs
+
+__all__ = ["add_parser", "cmd_plan", "format_plan", "resolve_auto"]
+
+
+def add_parser(sub) -> None:
+    """Define ``onetrick plan`` on the subparsers ``sub``."""
+    p = sub.add_parser("plan", help="predict every way to parallelise a model at K workers; choose one, say why",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012")
+    p.add_argument("--workers", type=int, default=2, help="K")
+    p.add_argument("--batch", type=int, default=32, help="examples per worker per step (B)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    p.add_argument("--classes", type=int, default=None, help="default: 10 for smallnet (digits), 1000 otherwise")
+    p.add_argument("--fc-batch", choices=FC_BATCHES, default="full", help="hybrid FC batch (changes the maths: kept)")
+    p.add_argument("--link-mbps", default="measured",
+                   help="per-worker link in Mbit/s, or 'measured': gloo between K local workers, probed now")
+    p.add_argument("--collective-us", type=float, default=0.0, help="with --link-mbps N: fixed cost per collective")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="this-cpu",
+                   help="this-cpu: layers timed here; else FLOP at a GPU profile's rate")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / K, at least 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_plan)
+
+
+def _link(value: str, k: int, collective_us: float) -> tuple[Link, dict]:
+    if value == "measured":
+        probe = loopback_link(k) if k > 1 else {}
+        return Link.from_measured(probe), probe
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise ConfigError(f"--link-mbps expects a number or 'measured' (got {value!r})") from None
+    if mbps <= 0:
+        raise ConfigError(f"--link-mbps must be positive (got {value})")
+    return Link(mbps / 1e3, 0.0, collective_us), {"kind": "given", "measured_mbps": mbps}
+
+
+def _slow(k: int, threads: int) -> float:
+    """K workers of T threads on this machine's cores: each gets ``cores / (K*T)`` of a core."""
+    return max(1.0, k * threads / (os.cpu_count() or 1))
+
+
+def _default_threads(k: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, k))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan, then print the table (or JSON)."""
+    from ..models import MODELS, input_size
+
+    if args.model not in MODELS:
+        raise ConfigError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
+    if args.workers < 1 or args.batch < 1:
+        raise ConfigError(f"--workers and --batch must be at least 1 (got {args.workers} and {args.batch})")
+    t0 = time.perf_counter()
+    image = args.image_size or input_size(args.model)
+    classes = args.classes or (10 if args.model == "smallnet" else 1000)
+    threads = args.threads or _default_threads(args.workers)
+    blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
+    slow = _slow(args.workers, threads)
+    if args.profile != "this-cpu":
+        prof = PROFILES[args.profile]
+        costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
+    link, probe = _link(args.link_mbps, args.workers, args.collective_us)
+    plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch)
+    record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
+              "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
+    print(json.dumps(record, indent=2) if args.json else format_plan(plan, record))
+    return 0
+
+
+def format_plan(plan: Plan, record: dict) -> str:
+    """The candidates as a Markdown table, fastest first, and the choice in one line."""
+    lk = plan.link
+    head = (f"{record['model']} {record['image_size']}px, {record['classes']} classes, K={plan.k}, B={plan.batch} per "
+            f"worker, {record['threads']} thread(s) per worker, link {f'{lk.gbps * 1e3:.0f}' if lk.gbps else 'unlimited'} "
+            f"Mbit/s + {lk.collective_us:.0f} us per collective ({record['link_probe'].get('kind', 'none')})")
+    lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | runnable |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    for c in plan.candidates:
+        r = c.result
+        tags = ", ".join(f"{t} {n / 1e6:.2f}" for t, n in sorted(r.bytes.items()) if n) or "none"
+        lines.append(f"| {c.label} | {c.batch} | {r.step_s * 1e3:.1f} | {c.speedup:.2f}x | {tags} | "
+                     f"{r.exposed_s * 1e3:.1f} | {'yes' if c.runnable else 'planned'} |")
+    lines += ["", f"choice: {plan.reason}", f"(planned in {record['planner_s']:.1f} s)"]
+    return "\n".join(lines)
+
+
+def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
+    """``--strategy auto`` / ``--scheme auto`` -> the planner's runnable choice, with the
+    plan (choice, reason, every candidate's prediction, the link, the planner's own
+    seconds) in ``cfg.plan``. Other configurations are returned unchanged. ``fc_batch``
+    stays the user's; model parallelism is planned at K*B examples per worker, the same
+    SGD step as the others."""
+    from ..distributed.runtime import under_torchrun
+
+    auto_scheme = cfg.strategy == "hybrid" and cfg.scheme == "auto"
+    if cfg.strategy != "auto" and not auto_scheme:
+        return cfg
+    if under_torchrun():
+        raise ConfigError("--strategy auto and --scheme auto are planned by onetrick's own launcher; under torchrun "
+                          "name them (e.g. --strategy hybrid --scheme b)")
+    if cfg.device != "cpu":
+        raise ConfigError("--strategy auto and --scheme auto time layers on the CPU only; with --device cuda name them")
+    if cfg.workers == 1:
+        resolved = cfg.replace(strategy="single", scheme=None) if cfg.strategy == "auto" else cfg.replace(scheme="b")
+        log(f"plan: {resolved.strategy}{'/b' if auto_scheme else ''}: one worker, nothing to plan")
+        return resolved.replace(plan={"choice": {"label": resolved.strategy}, "reason": "one worker", "candidates": []})
+    t0 = time.perf_counter()
+    from .. import preflight
+
+    data = preflight._data(cfg)
+    threads = cfg.threads or _default_threads(cfg.workers)
+    blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
+    probe = loopback_link(cfg.workers)
+    plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
+                     cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None, cfg.lr_scale,
+                     runnable_only=True)
+    v = plan.choice.variant
+    resolved = cfg.replace(strategy=v.strategy, sync=v.sync or cfg.sync, scheme=v.scheme, cut=v.cut,
+                           batch=plan.choice.batch)
+    record = {"auto": "scheme" if auto_scheme else "strategy", "threads": threads, "link_probe": probe,
+              "planner_s": time.perf_counter() - t0, **plan.as_dict()}
+    log(f"plan: {plan.reason} (planned in {record['planner_s']:.1f} s)")
+    return resolved.replace(plan=record)

@@ -1,0 +1,226 @@
+"""The planner: every way to run one step of a model at K workers, predicted by the cost
+model; the fastest is chosen and explained in one line.
+
+The paper's rule, applied by the numbers instead of by hand: data parallelism where
+computation per weight is high, model parallelism where computation per neuron is high.
+The candidates (:func:`candidate_variants`) are data parallelism (DDP, sharded), model
+parallelism, and the hybrid with schemes a/b/c and its cut at each FC layer boundary
+(``cut`` = how many head Linear layers run data-parallel with the trunk; the paper's cut
+is 0, a cut before the classifier alone is ``layers - 1``; ``layers`` would be data
+parallelism). Every candidate computes the same SGD step on K*B examples, so they are
+compared at equal maths: model parallelism, whose workers all see the same examples,
+is planned at K*B examples per worker (and left out under ``--lr-scale``, which scales
+only with data-parallel workers). ``fc_batch`` is the user's: ``worker`` changes the
+maths, so it keeps only the hybrid's schemes b and c.
+
+:func:`make_plan` takes compute costs and a link from anywhere (tests use FLOP costs);
+:func:`measured_costs` times this machine's layers (cached per model, batch, image size
+and threads) and :func:`loopback_link` measures gloo between K local workers.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from ..config import CUT_RUNNABLE
+from .blocks import Block, describe
+from .costmodel import Link, StepResult, Variant, images_per_step, predict
+from .costs import CostProvider, MeasuredCosts
+
+__all__ = ["Candidate", "Plan", "candidate_variants", "explain", "loopback_link", "make_plan", "measured_costs"]
+
+
+@dataclass
+class Candidate:
+    """One plan, predicted: its variant, the per-worker batch it runs at, the step."""
+
+    variant: Variant
+    batch: int
+    result: StepResult
+    speedup: float
+
+    @property
+    def runnable(self) -> bool:
+        """Whether ``onetrick train`` can run it today (cut plans wait for the strategies)."""
+        return self.variant.cut == 0 or CUT_RUNNABLE
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+    def row(self) -> dict:
+        """The JSON row ``plan --json`` prints and summary.json records."""
+        v, r = self.variant, self.result
+        return {"label": self.label, "strategy": v.strategy, "sync": v.sync, "scheme": v.scheme,
+                "fc_batch": v.fc_batch, "cut": v.cut, "batch": self.batch, "predicted_step_ms": r.step_s * 1e3,
+                "speedup": self.speedup, "bytes": dict(r.bytes), "bytes_total": r.bytes_total,
+                "exposed_ms": r.exposed_s * 1e3, "compute_ms": r.compute_s * 1e3, "runnable": self.runnable}
+
+
+@dataclass
+class Plan:
+    """Every candidate (fastest first), the choice and its one-line reason."""
+
+    k: int
+    batch: int
+    link: Link
+    candidates: list[Candidate]
+    choice: Candidate
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"workers": self.k, "batch": self.batch,
+                "link": {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
+                         "collective_us": self.link.collective_us},
+                "choice": self.choice.row(), "reason": self.reason,
+                "candidates": [c.row() for c in self.candidates]}
+
+
+def head_layers(blocks: list[Block]) -> int:
+    """How many Linear layers the head has (cuts run 0 .. this - 1)."""
+    return sum(1 for b in blocks if b.part == "head" and b.linear)
+
+
+def candidate_variants(blocks: list[Block], k: int, batch: int, fc_batch: str = "full", only: str | None = None,
+                       cut: int | None = None, lr_scale: str = "none") -> list[tuple[Variant, int]]:
+    """``(variant, per-worker batch)`` for every plan of the same maths. ``only="hybrid"``
+    keeps the hybrid's schemes (``--scheme auto``); ``cut`` fixes the hybrid's cut."""
+    if k == 1:
+        return [(Variant("single"), batch)]
+    out: list[tuple[Variant, int]] = []
+    if only is None and fc_batch == "full":
+        out += [(Variant("data", "ddp"), batch), (Variant("data", "sharded"), batch)]
+        if lr_scale == "none":
+            out.append((Variant("model"), k * batch))
+    cuts = range(head_layers(blocks)) if cut is None else [cut]
+    for scheme in ("a", "b", "c"):
+        if scheme == "a" and fc_batch == "worker" or scheme == "c" and batch % k:
+            continue
+        out += [(Variant("hybrid", None, scheme, fc_batch, c), batch) for c in cuts]
+    return out
+
+
+def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link: Link = Link(), slow: float = 1.0,
+              fc_batch: str = "full", only: str | None = None, cut: int | None = None, lr_scale: str = "none",
+              runnable_only: bool = False) -> Plan:
+    """Predict every candidate; choose the fastest (``runnable_only``: of those ``train``
+    can run). ``slow`` multiplies compute (K workers sharing cores)."""
+    one = predict(blocks, costs, Variant("single"), 1, batch)
+    base_ips = batch / one.step_s if one.step_s else 0.0
+    found = []
+    for variant, b in candidate_variants(blocks, k, batch, fc_batch, only, cut, lr_scale):
+        try:
+            r = predict(blocks, costs, variant, k, b, link, slow)
+        except ValueError:   # not modelled here (two towers at K=2, more workers than neurons)
+            continue
+        ips = images_per_step(variant.strategy, k, b) / r.step_s if r.step_s else 0.0
+        found.append(Candidate(variant, b, r, ips / base_ips if base_ips else 0.0))
+    if not found:
+        raise ValueError(f"no plan of this model is modelled at {k} workers")
+    found.sort(key=lambda c: (c.result.step_s, c.result.bytes_total))
+    pool = [c for c in found if c.runnable] if runnable_only else found
+    choice = pool[0]
+    return Plan(k, batch, link, found, choice, explain(choice, found, blocks))
+
+
+def explain(choice: Candidate, candidates: list[Candidate], blocks: list[Block]) -> str:
+    """One line: the choice, its predicted step and speedup, the runner-up, and why, in
+    the paper's terms (weights synchronised against activations moved)."""
+    runner = (next((c for c in candidates if c.variant.strategy != choice.variant.strategy), None)
+              or next((c for c in candidates if c is not choice), None))
+    r = choice.result
+    line = f"{choice.label}: {r.step_s * 1e3:.1f} ms/step predicted, {choice.speedup:.2f}x one worker"
+    if runner:
+        ahead = runner.result.step_s / r.step_s - 1
+        line += f", {ahead:.0%} ahead of {runner.label} ({runner.result.step_s * 1e3:.1f} ms)"
+    weights = sum(b.numel for b in blocks)
+    fc = sum(b.numel for b in blocks if b.part == "head")
+    mb = r.bytes_total / 1e6
+    if choice.variant.strategy in ("data", "single"):
+        why = f"the FC layers hold {fc / weights:.0%} of the weights: synchronising all weights ({mb:.1f} MB) is cheapest"
+    else:
+        sharded = sum(b.numel for i, b in enumerate(blocks) if b.part == "head" and b.linear and
+                      _linear_index(blocks, i) >= choice.variant.cut)
+        why = (f"the model-parallel layers hold {sharded / weights:.0%} of the weights; moving activations instead "
+               f"costs {mb:.1f} MB per worker")
+    if not choice.runnable:
+        why += " (planned: --cut > 0 is not yet runnable)"
+    return f"{line}; {why}"
+
+
+def _linear_index(blocks: list[Block], i: int) -> int:
+    return sum(1 for b in blocks[:i] if b.part == "head" and b.linear)
+
+
+_COSTS: dict[tuple, tuple[list[Block], MeasuredCosts]] = {}
+
+
+def measured_costs(model_name: str, classes: int, channels: int, image: int, batch: int, threads: int,
+                   reps: int = 2) -> tuple[list[Block], MeasuredCosts]:
+    """Blocks and this machine's layer costs, cached per (model, classes, channels, image
+    size, batch, threads): every plan asks for its own shapes, each timed once."""
+    import torch
+
+    from ..models import build_model
+
+    key = (model_name, classes, channels, image, batch, threads)
+    if key not in _COSTS:
+        torch.manual_seed(0)
+        model = build_model(model_name, classes, channels)
+        blocks = describe(model, image, channels)
+        _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model))
+    return _COSTS[key]
+
+
+def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
+    """gloo between ``k`` workers on this host, measured in 0.1-0.3 s: ``k`` threads of this
+    process, each a gloo process group over loopback TCP (the transport K local workers
+    use), time a one-float all-reduce and all-gather (the fixed cost of a collective) and
+    an ``nbytes`` all-reduce (bandwidth). Starting K processes, as bench's probe does,
+    would cost seconds of interpreter and torch start-up on each. Returns what
+    :meth:`Link.from_measured` reads."""
+    import torch
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    found: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            pg = dist.ProcessGroupGloo(dist.PrefixStore("probe", store), rank, k, timedelta(seconds=60))
+            one, big = torch.zeros(1), torch.ones(max(1, nbytes // 4))
+            outs = [torch.zeros(1) for _ in range(k)]
+            ar, ag, bw = [], [], []
+            for _ in range(11):
+                t0 = time.perf_counter()
+                pg.allreduce([one]).wait()
+                t1 = time.perf_counter()
+                pg.allgather([outs], [one]).wait()
+                ar.append(t1 - t0)
+                ag.append(time.perf_counter() - t1)
+            fixed = statistics.median(ar[1:])
+            pg.allreduce([big]).wait()
+            c0 = time.process_time()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                pg.allreduce([big]).wait()
+                bw.append(2 * (k - 1) / k * big.numel() * 4 / max(1e-9, time.perf_counter() - t0 - fixed))
+            cpu = (time.process_time() - c0) / k / (reps * 2 * (k - 1) / k * big.numel() * 4)   # all k threads
+            found[rank] = {"cpu_us_per_mb": cpu * 1e12, "measured_mbps": statistics.median(bw) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
+                           "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
+                           "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
+        except BaseException as err:   # surfaced in the caller's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors or 0 not in found:
+        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'timed out'}")
+    return found[0]

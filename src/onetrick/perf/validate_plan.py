@@ -1,0 +1,96 @@
+"""``onetrick bench --validate-plan``: every candidate the planner can pick, run for real,
+against the planner's pick.
+
+The bench runs ``single``, ``independent`` and every runnable candidate of
+:func:`~onetrick.perf.planner.candidate_variants` (data/ddp, data/sharded, model at K*B
+examples, hybrid a/b/c, FC batch K*B) at each K. Then, per K, the planner plans with
+what it would have had at start-up, plus the bench's own measurements of the machine:
+layer costs timed here (:func:`~onetrick.perf.planner.measured_costs`), the link the
+bench measured between its workers, and the compute slowdown of K workers sharing the
+machine (the ``independent`` row's step over the ``single`` step; without one,
+time-sharing of the cores). Reported per K: the pick's measured step against the best
+measured candidate's, and per row the prediction's error.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .costmodel import Link
+from .planner import loopback_link, make_plan, measured_costs
+
+__all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
+
+#: what bench runs for --validate-plan
+PLAN_STRATEGIES = {"strategies": ["single", "independent", "data", "model", "hybrid"], "sync": ["ddp", "sharded"],
+                   "scheme": ["a", "b", "c"], "fc_batch": ["full"]}
+
+
+def _classes(data: str) -> int:
+    from .validate import _classes as classes
+
+    return classes(data)
+
+
+def _slow(rows: list[dict], k: int, threads: int, cores: int | None) -> float:
+    single = next((r for r in rows if r["strategy"] == "single"), None)
+    ind = next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k), None)
+    if ind and single:
+        return max(1.0, ind["step_ms"] / single["step_ms"])
+    return max(1.0, k * threads / cores) if cores else 1.0
+
+
+def validate_plan(result: dict) -> dict:
+    """Per K: the planner's pick, the best measured candidate, the gap; per row: predicted
+    and measured step ms."""
+    batch, threads = result["batch"], result.get("threads", 1)
+    blocks, costs = measured_costs(result["model"], _classes(result["data"]), 3, result["image_size"], batch, threads)
+    # the bench's probe measures bandwidth and fixed costs; the CPU gloo spends per byte
+    # (the calibration term) is measured here, in the launcher, by the planner's own probe
+    cpu = loopback_link(2)["cpu_us_per_mb"]
+    bare = Link.from_measured(result.get("link", {}))
+    link = dataclasses.replace(bare, cpu_us_per_mb=cpu)
+    cores = result.get("machine", {}).get("cores")
+    out = []
+    for k in sorted({r["workers"] for r in result["rows"] if r["workers"] > 1}):
+        measured = {r["label"]: r for r in result["rows"] if r["workers"] == k and r["strategy"] != "independent"}
+        if not measured:
+            continue
+        slow = _slow(result["rows"], k, threads, cores)
+        plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True)
+        before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
+        ran = [c for c in plan.candidates if c.label in measured]
+        pick = min(ran, key=lambda c: c.result.step_s)
+        best = min(measured.values(), key=lambda r: r["step_ms"])   # every candidate's step is K*B examples
+        rows = [{"label": c.label, "predicted_step_ms": c.result.step_s * 1e3,
+                 "measured_step_ms": measured[c.label]["step_ms"],
+                 "error": c.result.step_s * 1e3 / measured[c.label]["step_ms"] - 1,
+                 "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
+        out.append({"workers": k, "slow": slow, "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
+                    "best": best["label"], "best_measured_ms": best["step_ms"],
+                    "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason, "rows": rows})
+    every = [r for k in out for r in k["rows"]]
+    return {"model": result["model"], "image_size": result["image_size"], "batch": batch, "threads": threads,
+            "link_gbps": link.gbps, "collective_us": link.collective_us, "cpu_us_per_mb": cpu, "per_k": out,
+            "within_15": sum(abs(r["error"]) <= 0.15 for r in every),
+            "within_15_uncalibrated": sum(abs(r["error_uncalibrated"]) <= 0.15 for r in every), "rows": len(every)}
+
+
+def plan_report(v: dict) -> str:
+    """Markdown: the pick against the best measured at each K, then every row's error."""
+    lines = [f"### Planner validation: {v['model']} {v['image_size']}px, B={v['batch']}, {v['threads']} thread(s) per "
+             f"worker, link {v['link_gbps'] or 0:.2f} Gbit/s + {v['collective_us']:.0f} us per collective "
+             f"+ {v['cpu_us_per_mb']:.0f} us of CPU per MB sent", "",
+             "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
+             "|---:|---|---:|---|---:|---:|"]
+    for k in v["per_k"]:
+        lines.append(f"| {k['workers']} | {k['pick']} | {k['pick_measured_ms']:.1f} | {k['best']} | "
+                     f"{k['best_measured_ms']:.1f} | {k['gap']:+.1%} |")
+    lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without gloo's CPU |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for k in v["per_k"]:
+        for r in k["rows"]:
+            lines.append(f"| {k['workers']} | {r['label']} | {r['predicted_step_ms']:.1f} | {r['measured_step_ms']:.1f} | "
+                         f"{r['error']:+.1%} | {r['error_uncalibrated']:+.1%} |")
+    lines += ["", f"{v['within_15']} of {v['rows']} rows predicted within 15% of the measured step "
+                  f"({v['within_15_uncalibrated']} without gloo's CPU per byte)."]
+    return "\n".join(lines)
