@@ -92,7 +92,8 @@ def test_truncated_checkpoint_is_set_aside_and_the_records_stay_true(tmp_path):
     assert steps_of(tmp_path, "test") == [16]   # the first run's test line at step 12 was dropped with it
     summary = strict_json((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["attempts"] == 2
-    assert summary["images_per_s"] * summary["wall_s"] == pytest.approx(16 * 16)
+    assert summary["images_per_s"] * summary["train_s"] == pytest.approx(16 * 16)   # training time alone
+    assert summary["train_s"] + summary["eval_s"] + summary["checkpoint_s"] == pytest.approx(summary["wall_s"])
 
 
 @pytest.mark.timeout(200)
