@@ -126,6 +126,7 @@ class Totals:
     def __init__(self) -> None:
         self.steps, self.images, self.comm_wait_s = 0, 0, 0.0
         self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
 
     def add(self, images: int, comm: dict) -> None:
         self.steps += 1
@@ -133,12 +134,16 @@ class Totals:
         self.comm_wait_s += comm["comm_wait_s"]
         for tag, n in comm["bytes"].items():
             self.bytes[tag] = self.bytes.get(tag, 0) + n
+        for key, n in comm["calls"].items():
+            self.calls[key] = self.calls.get(key, 0) + n
 
     def summary(self, wall: float) -> dict:
         steps = max(1, self.steps)
         return {"wall_s": wall, "images_per_s": self.images / wall if wall else 0.0,
                 "bytes_per_step": {tag: n / steps for tag, n in self.bytes.items()},
                 "bytes_per_step_total": sum(self.bytes.values()) / steps,
+                "collectives_per_step": {key: n / steps for key, n in self.calls.items()},
+                "collectives_per_step_total": sum(self.calls.values()) / steps,
                 "comm_wait_fraction": self.comm_wait_s / wall if wall else 0.0}
 
 
@@ -206,7 +211,8 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
             record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch(data, cfg), "loss": out.loss,
                       "train_error": out.errors / out.count, "lr": strategy.optimizers()[0].param_groups[0]["lr"],
                       "images_per_s": interval_images / (now - interval_start), "bytes": comm["bytes"],
-                      "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"]}
+                      "bytes_total": comm["bytes_total"], "calls": comm["calls"], "calls_total": comm["calls_total"],
+                      "comm_wait_s": comm["comm_wait_s"]}
             if rt.is_main:
                 record["layers"] = layer_stats(strategy.model, before)
             log.write(record)
