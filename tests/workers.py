@@ -168,3 +168,57 @@ def hang_or_die(rt, cfg, mode: str) -> None:
             os._exit(3)
         time.sleep(600)
     dist.all_reduce(torch.ones(1))
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+class HostReads:
+    """Counts the Tensor methods that read a value to the host (each one a host-device
+    sync on an accelerator) while active: the CPU-testable stand-in for CUDA's sync
+    debug mode."""
+
+    def __enter__(self) -> "HostReads":
+        self.count, self._saved = 0, {name: getattr(torch.Tensor, name) for name in HOST_READS}
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(original))
+        return self
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def step_host_reads(rt, cfg, runs: list[dict], b: int) -> dict:
+    """Per run: host reads during 3 training steps plus their device accumulation, and
+    during one read of the accumulated figures; with ``--on-nan skip``, whether a step
+    with NaN images on worker 0 left the same weights as never taking that step.
+    (``--fc-batch worker`` skips per round: rounds without a NaN still update the head.)"""
+    from onetrick.distributed.strategy import StepStats
+
+    results = {}
+    batches = global_batches(3, rt.world, b)
+    bad = (batches[1][0].clone(), batches[1][1])
+    bad[0][:b] = float("nan")  # all of worker 0's rows: in scheme (c) every round gets some
+    for i, changes in enumerate(runs):
+        strategy = parallelize(tiny_model(), cfg.replace(on_nan="skip", **changes), rt)
+        own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
+        stats = StepStats(rt.device)
+        with HostReads() as during_steps:
+            for step, (x, y) in enumerate([batches[0], bad, batches[2]]):
+                stats.add(strategy.train_step(x[own], y[own]), step)
+        with HostReads() as during_read:
+            seen = stats.read()
+        skipped = strategy.full_state_dict()
+        clean = parallelize(tiny_model(), cfg.replace(on_nan="skip", **changes), rt)
+        for x, y in [batches[0], batches[2]]:
+            clean.train_step(x[own], y[own])
+        results[i] = {"step_reads": during_steps.count, "read_reads": during_read.count, "seen": seen,
+                      "skipped": skipped, "clean": clean.full_state_dict()}
+    return results

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .data import DataBundle, build_data
 from .distributed import parallelize
 from .distributed.runtime import Runtime, launch
-from .distributed.strategy import Strategy
+from .distributed.strategy import StepStats, Strategy
 from .evaluate import evaluate
 from .models import build_model, input_size
 from .recipe import schedule_factor, set_lr
@@ -30,6 +30,14 @@ from .recipe import schedule_factor, set_lr
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss (``--on-nan stop``)."""
+
+
+def check_finite(seen: dict, cfg: TrainConfig) -> None:
+    """Under ``--on-nan stop``, stop at the first read after a non-finite loss: reads come
+    every ``--log-every`` steps and before every checkpoint, so none is ever written."""
+    if seen["nonfinite_steps"] and cfg.on_nan == "stop":
+        raise NonFiniteLoss(f"non-finite loss at step {seen['first_nonfinite_step']}; "
+                            f"weights left at the last checkpoint in {cfg.out}")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -191,6 +199,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
     interval_images = 0
     test = {}
     batches = train_batches(data, cfg, strategy, step)
+    stats = StepStats(rt.device)  # loss/errors summed on the device, read on log and checkpoint steps
     strategy.set_training(True)
     while step < total:
         _, images, targets = next(batches)
@@ -198,9 +207,12 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         before = weights_copy(strategy.model) if logging_now and rt.is_main else {}
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
-        if strategy.nonfinite and cfg.on_nan == "stop":
-            raise NonFiniteLoss(f"non-finite loss at step {step}; weights left at the last checkpoint in {cfg.out}")
+        stats.add(out, step)
         step += 1
+        checkpoint_now = step % cfg.ckpt_every == 0 or step == total
+        if logging_now or checkpoint_now:
+            seen = stats.read()
+            check_finite(seen, cfg)
         _maybe_crash(step, rt.rank)
         bar.update(1)
         interval_images += out.count
@@ -208,21 +220,23 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
         totals.add(out.count, comm)
         if logging_now:
             now = time.perf_counter()
-            record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch(data, cfg), "loss": out.loss,
-                      "train_error": out.errors / out.count, "lr": strategy.optimizers()[0].param_groups[0]["lr"],
+            record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch(data, cfg), "loss": seen["loss"],
+                      "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"],
+                      "lr": strategy.optimizers()[0].param_groups[0]["lr"],
                       "images_per_s": interval_images / (now - interval_start), "bytes": comm["bytes"],
                       "bytes_total": comm["bytes_total"], "calls": comm["calls"], "calls_total": comm["calls_total"],
                       "comm_wait_s": comm["comm_wait_s"]}
             if rt.is_main:
                 record["layers"] = layer_stats(strategy.model, before)
             log.write(record)
-            bar.set_postfix(loss=f"{out.loss:.3f}", err=f"{out.errors / out.count:.3f}")
+            bar.set_postfix(loss=f"{seen['loss']:.3f}", err=f"{seen['train_error']:.3f}")
             interval_start, interval_images = now, 0
+            stats.reset()
         if step % cfg.eval_every == 0 or step == total:
             test = evaluate(strategy, data, cfg)
             log.write({"kind": "test", "step": step, "epoch": step / steps_per_epoch(data, cfg), **test})
             strategy.set_training(True)
-        if step % cfg.ckpt_every == 0 or step == total:
+        if checkpoint_now:
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
     bar.close()
     if not test:  # resumed a run that had already finished

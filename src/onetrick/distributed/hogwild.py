@@ -63,7 +63,7 @@ from ..train import (
     weights_copy,
 )
 from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
-from .strategy import SingleStrategy, StepOutput, Strategy
+from .strategy import SingleStrategy, StepOutput, StepStats, Strategy
 
 DELAY_ENV = "ONETRICK_ASYNC_DELAY_MS"
 FAIL_ENV = "ONETRICK_ASYNC_FAIL_AT"
@@ -120,10 +120,15 @@ def _one_step(cfg: TrainConfig, strategy: Strategy, batches, step: int, index: i
     _inject_faults(step, index)
     _, images, targets = next(batches)
     device = strategy.rt.device
-    out = strategy.train_step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-    if strategy.nonfinite and cfg.on_nan == "stop":
-        raise NonFiniteLoss(f"non-finite loss at step {step} of worker {index}")
-    return out
+    return strategy.train_step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+
+
+def _read_stats(cfg: TrainConfig, stats: StepStats, index: int) -> dict:
+    """One host-device sync, every --log-every steps: --on-nan stop stops here."""
+    seen = stats.read()
+    if seen["nonfinite_steps"] and cfg.on_nan == "stop":
+        raise NonFiniteLoss(f"non-finite loss at step {seen['first_nonfinite_step']} of worker {index}")
+    return seen
 
 
 def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: int, log: RunLog,
@@ -146,14 +151,18 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
                mininterval=1.0, dynamic_ncols=True)
     result = {"index": index, "error": None, "start": time.monotonic(), "totals": Totals()}
     interval = [result["start"], 0]  # start time and images of the current logging interval
+    stats = StepStats(strategy.rt.device)  # summed on the device, read every --log-every steps
     strategy.set_training(True)
     for step in range(total):
         if before_step:
             before_step(step)
-        logging_now = is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total)
+        read_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+        logging_now = is_main and read_now
         before = weights_copy(strategy.model) if logging_now else {}
         try:
             out = _one_step(cfg, strategy, batches, step, index)
+            stats.add(out, step)
+            seen = _read_stats(cfg, stats, index) if read_now else {}
         except Exception as err:  # noqa: BLE001 - any training error: reported, the others carry on
             result["error"] = f"{type(err).__name__}: {err}"
             break
@@ -166,13 +175,15 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         bar.update(1)
         if logging_now:
             now = time.monotonic()
-            log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": out.loss,
-                       "train_error": out.errors / out.count, "lr": cfg.lr * schedule_factor(cfg, step, total),
+            log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": seen["loss"],
+                       "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"], "lr": cfg.lr * schedule_factor(cfg, step, total),
                        "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
                        "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
                        "layers": layer_stats(strategy.model, before)})
-            bar.set_postfix(loss=f"{out.loss:.3f}", err=f"{out.errors / out.count:.3f}")
+            bar.set_postfix(loss=f"{seen['loss']:.3f}", err=f"{seen['train_error']:.3f}")
             interval[:] = [now, 0]
+        if read_now:
+            stats.reset()
         if is_main and (step + 1) % cfg.eval_every == 0 and step + 1 < total:  # the final one is the caller's
             log.write({"kind": "test", "step": step + 1, "epoch": (step + 1) / per_epoch, **evaluate(strategy, data, cfg)})
             strategy.set_training(True)

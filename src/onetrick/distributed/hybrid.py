@@ -60,11 +60,12 @@ class Hybrid(ShardedHeadStrategy):
             loss, errors = self._scheme_a(feats, targets)
         else:
             loss, errors = self._rounds(feats, targets)
-        self.nonfinite = not bool(torch.isfinite(loss))
-        self.trunk_sync.sync_and_step(skip_update=self.nonfinite)
-        if not self.per_round and not self.nonfinite:
-            self.head_opt.step()
-        return StepOutput(loss=float(loss), errors=int(errors), count=len(targets) * self.comm.size)
+        finite = torch.isfinite(loss)  # the same on every worker: computed from the same numbers
+        self.trunk_sync.sync_and_step(finite)
+        if not self.per_round:
+            self.step(self.head_opt, finite)
+        count = len(targets) * self.comm.size
+        return StepOutput(loss * count, errors, count=count, finite=finite)
 
     def _scheme_a(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         every_target = self._gather_targets(targets).flatten()
@@ -97,8 +98,7 @@ class Hybrid(ShardedHeadStrategy):
             losses.append(loss.detach())
             errors.append(errs)
             if self.per_round:
-                if torch.isfinite(loss):
-                    self.head_opt.step()
+                self.step(self.head_opt, torch.isfinite(loss.detach()))
                 self.head_opt.zero_grad(set_to_none=True)
         own_grad = torch.empty_like(own)  # sum over workers of the partial gradients of my round
         self.comm.reduce_scatter(own_grad, torch.cat(grads), tag=TAG)

@@ -129,10 +129,9 @@ class ModelParallel(ShardedHeadStrategy):
         self.optimizer.zero_grad(set_to_none=True)
         loss, errors = self.loss_and_errors(self.head(self.features(images)), targets)
         loss.backward()
-        self.nonfinite = not bool(torch.isfinite(loss))
-        if not self.nonfinite:
-            self.optimizer.step()
-        return StepOutput(loss=float(loss.detach()), errors=int(errors), count=len(targets))
+        finite = torch.isfinite(loss.detach())
+        self.step(self.optimizer, finite)
+        return StepOutput(loss.detach() * len(targets), errors, count=len(targets), finite=finite)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
