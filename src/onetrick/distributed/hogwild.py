@@ -32,6 +32,7 @@ Testing hooks (environment variables, read by every asynchronous worker; not CLI
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import time
@@ -196,7 +197,7 @@ def _merged(parts: list[Totals]) -> Totals:
     """All workers' totals as one; comm wait averaged, so its fraction is per worker."""
     merged = Totals()
     for t in parts:
-        merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes})
+        merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes, "calls": t.calls})
     merged.steps = sum(t.steps for t in parts)
     return merged
 
@@ -230,13 +231,24 @@ def raise_if_failed(summary: dict, cfg: TrainConfig) -> None:
 
 
 # -- Hogwild -------------------------------------------------------------------------------
-def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue) -> None:
-    """Body of worker process ``index``: train on the shared ``model``, put the counters
-    (or the setup error) on ``queue``."""
+def _hogwild_worker(index: int, cfg: TrainConfig, shared: list, queue) -> None:
+    """Body of worker process ``index``: train on the shared model (``shared``'s one
+    element), put the counters (or the setup error) on ``queue``.
+
+    The model comes in a list that this worker empties: the Process object keeps its
+    arguments until exit, and a CUDA tensor received from the parent must be freed here
+    first, or the parent warns "Producer process has been terminated before all shared
+    CUDA tensors released" (CUDA IPC counts the consumers' references)."""
+    model = shared.pop()
     try:
-        queue.put(_hogwild_train(index, cfg, model))
+        result = _hogwild_train(index, cfg, model)
     except Exception as err:  # noqa: BLE001 - reported by the parent as this worker's failure
-        queue.put({"index": index, "fatal": f"{type(err).__name__}: {err}"})
+        result = {"index": index, "fatal": f"{type(err).__name__}: {err}"}
+    del model
+    gc.collect()  # the strategy's hooks and optimizer form cycles that hold the shared tensors
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+    queue.put(result)
 
 
 def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module) -> dict:
@@ -293,7 +305,7 @@ def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
 def _run_workers(cfg: TrainConfig, model: torch.nn.Module) -> tuple[list[dict], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, model, queue), name=f"hogwild-{i}")
+    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, [model], queue), name=f"hogwild-{i}")
              for i in range(cfg.workers)]
     for p in procs:
         p.start()
@@ -305,6 +317,8 @@ def _run_workers(cfg: TrainConfig, model: torch.nn.Module) -> tuple[list[dict], 
             if p.is_alive():
                 p.terminate()
                 p.join()
+        if cfg.device == "cuda":
+            torch.cuda.ipc_collect()  # free what the workers' CUDA IPC handles kept alive
     return [results[i] for i in sorted(results)], [lost[i] for i in sorted(lost)]
 
 

@@ -147,7 +147,8 @@ class Strategy:
         """Sum loss and errors over the data-parallel workers (one tiny all-reduce on the
         device, never read here): the finite flag is then the same on every worker."""
         errors = (logits.detach().argmax(1) != targets).sum()
-        stats = torch.stack([loss_sum.detach().float(), errors.float()])
+        loss_sum = loss_sum.detach().float()
+        stats = torch.stack([loss_sum, errors.float(), loss_sum.new_full((), float(len(targets)))])  # a fill: no copy
         if self.data_world > 1:
             self.comm.all_reduce(stats, tag="metrics")
         return StepOutput(stats[0], stats[1], count=len(targets) * self.data_world, finite=torch.isfinite(stats[0]))
