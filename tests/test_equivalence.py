@@ -124,4 +124,6 @@ def test_collectives_per_step_are_what_each_round_needs(runs):
             continue
         for step_calls in results[0][i]["calls"]:
             assert sum(step_calls.values()) == expected_calls(changes, k), f"{changes} K={k}: {step_calls}"
+        for rank in results:  # the same collectives everywhere (gloo would hang otherwise)
+            assert results[rank][i]["calls"] == results[0][i]["calls"], f"{changes} K={k} rank {rank}"
     assert expected_calls(dict(strategy="hybrid", scheme="b"), 8) == 36   # 75 before (issue #18)

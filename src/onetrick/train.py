@@ -234,6 +234,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig) -> dict:
             stats.reset()
         if step % cfg.eval_every == 0 or step == total:
             test = evaluate(strategy, data, cfg)
+            strategy.comm.take()  # evaluation's traffic is no step's
             log.write({"kind": "test", "step": step, "epoch": step / steps_per_epoch(data, cfg), **test})
             strategy.set_training(True)
         if checkpoint_now:
