@@ -121,7 +121,8 @@ def sharded_loss_and_grads(rt, cfg, classes: int, n: int) -> dict:
     loss = sharded_cross_entropy(local, targets, start, comm)
     loss.backward()
     sent = comm.take()
-    return {"loss": loss.detach(), "grad": local.grad, "range": (start, end), "bytes": sent["bytes"], "calls": sent["calls"]}
+    return {"loss": loss.detach(), "grad": local.grad, "range": (start, end), "bytes": sent["bytes"],
+            "calls": sent["calls"]}
 
 
 def two_tower_steps(rt, cfg, steps: int, b: int) -> dict:

@@ -177,7 +177,8 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         if logging_now:
             now = time.monotonic()
             log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": seen["loss"],
-                       "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"], "lr": cfg.lr * schedule_factor(cfg, step, total),
+                       "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"],
+                       "lr": cfg.lr * schedule_factor(cfg, step, total),
                        "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
                        "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
                        "layers": layer_stats(strategy.model, before)})

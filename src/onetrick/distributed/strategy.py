@@ -65,7 +65,8 @@ class StepStats:
         """One host-device sync: the interval's mean loss, error rate, example count,
         non-finite steps and the first of them (-1: none). :meth:`reset` starts a new one."""
         loss, errors, count, bad, first_bad = torch.cat([self.sums, self.first_bad.double()[None]]).tolist()
-        return {"loss": loss / count if count else float("nan"), "train_error": errors / count if count else float("nan"),
+        nan = float("nan")
+        return {"loss": loss / count if count else nan, "train_error": errors / count if count else nan,
                 "examples": int(count), "nonfinite_steps": int(bad), "first_nonfinite_step": int(first_bad)}
 
 
