@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from onetrick.distributed.runtime import launch
-from workers import base_config, reference_rounds, reference_sgd, run_strategies
+from workers import HIDDEN, NARROW, base_config, reference_rounds, reference_sgd, run_strategies
 
 STEPS, B = 3, 8
+# HIDDEN: the classifier split by inputs (row-wise); NARROW: split by classes (sharded loss)
 EXACT_SGD = [dict(strategy="model"), dict(strategy="data", sync="ddp"), dict(strategy="data", sync="sharded"),
              dict(strategy="hybrid", scheme="a"), dict(strategy="hybrid", scheme="b"),
-             dict(strategy="hybrid", scheme="c")]
+             dict(strategy="hybrid", scheme="c"), dict(strategy="model", hidden=NARROW),
+             dict(strategy="hybrid", scheme="b", hidden=NARROW), dict(strategy="hybrid", scheme="c", hidden=NARROW)]
 PER_ROUND = [dict(strategy="hybrid", scheme="b", fc_batch="worker"),
              dict(strategy="hybrid", scheme="c", fc_batch="worker")]
 
@@ -33,8 +35,8 @@ def runs(request):
 @pytest.mark.timeout(240)
 def test_synchronous_strategies_equal_one_worker_with_batch_kb(runs):
     k, results = runs
-    want, want_losses = reference_sgd(base_config(), STEPS, k, B)
     for i, changes in enumerate(EXACT_SGD):
+        want, want_losses = reference_sgd(base_config(), STEPS, k, B, changes.get("hidden", HIDDEN))
         for rank in results:
             assert_same_weights(results[rank][i]["state"], want, f"{changes} K={k} rank {rank}")
         assert results[0][i]["losses"] == pytest.approx(want_losses, rel=1e-4), changes
@@ -56,18 +58,21 @@ def _padded(n: int, k: int) -> int:
 
 def expected_bytes(changes: dict, k: int, b: int) -> dict[str, float]:
     """Bytes per worker per step (fp32) from the model's sizes alone (comm.py's table)."""
-    from workers import HIDDEN, tiny_model
+    from workers import CLASSES, tiny_model
 
-    model = tiny_model()
+    hidden = changes.get("hidden", HIDDEN)
+    model = tiny_model(hidden)
     conv = sum(p.numel() for p in model.trunk.parameters())
     total = sum(p.numel() for p in model.parameters())
     feat = model.head[0].in_features
     frac = (k - 1) / k
 
     def head(n: int) -> float:  # per FC forward+backward on n examples
-        gathers = sum(2 * frac * k * n * -(-h // k) * 4 for h in HIDDEN)   # all-gather + reduce-scatter
-        loss = 2 * frac * 3 * n * 4                                        # row max, row sum, target logit
-        return gathers + loss
+        if CLASSES <= hidden[-1]:  # row-wise classifier: one all-reduce of the (n, classes) logits
+            gathers = sum(2 * frac * k * n * -(-h // k) * 4 for h in hidden[:-1])
+            return gathers + 2 * frac * n * CLASSES * 4
+        gathers = sum(2 * frac * k * n * -(-h // k) * 4 for h in hidden)  # all-gather + reduce-scatter
+        return gathers + frac * k * n * 4 * 4                              # 4 scalars per example and worker
 
     strategy, scheme = changes["strategy"], changes.get("scheme")
     if strategy == "data":
@@ -80,6 +85,7 @@ def expected_bytes(changes: dict, k: int, b: int) -> dict[str, float]:
         return {"weights": weights, "activations": 2 * frac * k * b * feat * 4, "fc_activations": head(k * b)}
     rounds = k * 2 * frac * b * feat * 4                                   # broadcast + reduce per round
     exchange = 2 * frac * b * feat * 4 if scheme == "c" else 0             # all-to-all there and back
+    # broadcast per round, one reduce-scatter of all rounds' gradients: (K-1)/K * K*B*feat each way
     return {"weights": weights, "activations": rounds + exchange, "fc_activations": k * head(b)}
 
 
@@ -118,3 +124,34 @@ def test_torchvision_vgg11_hybrid_step_equals_one_worker():
     want = torchvision_reference(base_config(lr=0.01), "vgg11", 1, 2, 2, 32, 13)
     for rank in results:
         assert_same_weights(results[rank][0], want, f"vgg11 hybrid rank {rank}")
+
+
+# -- collectives: each one a point where the workers meet; per step, exact ------------
+def expected_calls(changes: dict, k: int) -> int:
+    """Collectives per step: the head's per forward+backward (an all-gather and a
+    reduce-scatter per hidden boundary, and either the row-wise classifier's all-reduce
+    or the sharded loss's all-gather), plus per step what the strategy adds."""
+    hidden = changes.get("hidden", HIDDEN)
+    from workers import CLASSES
+
+    head = 2 * (len(hidden) - 1) + 1 if CLASSES <= hidden[-1] else 2 * len(hidden) + 1
+    if changes["strategy"] == "model":
+        return head + 1                                   # + the all-reduce of the input gradient
+    trunk_and_labels = 2 + 1                              # reduce-scatter + all-gather (one bucket), labels
+    if changes["scheme"] == "a":
+        return head + 2 + trunk_and_labels                # + all-gather of rows, reduce-scatter back
+    exchange = 2 if changes["scheme"] == "c" else 0      # all-to-all there and back
+    return k * (head + 1) + 1 + exchange + trunk_and_labels   # per round: broadcast + head; one reduce-scatter
+
+
+def test_collectives_per_step_are_what_each_round_needs(runs):
+    """Scheme (b) with the 3-Linear head: 4 per round + 4 (today's 9 per round + 3 before)."""
+    k, results = runs
+    for i, changes in enumerate(EXACT_SGD + PER_ROUND):
+        if changes["strategy"] == "data":
+            continue
+        for step_calls in results[0][i]["calls"]:
+            assert sum(step_calls.values()) == expected_calls(changes, k), f"{changes} K={k}: {step_calls}"
+        for rank in results:  # the same collectives everywhere (gloo would hang otherwise)
+            assert results[rank][i]["calls"] == results[0][i]["calls"], f"{changes} K={k} rank {rank}"
+    assert expected_calls(dict(strategy="hybrid", scheme="b"), 8) == 36   # 75 before (issue #18)

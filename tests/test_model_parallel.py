@@ -31,8 +31,9 @@ def test_sharded_cross_entropy_equals_dense_at_100k_classes(k, classes):
         start, end = got["range"]
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["grad"], logits.grad[:, start:end], rtol=1e-4, atol=1e-7)
-        # only (N,)-sized vectors crossed the network, never the (N, classes) logits
-        assert got["bytes"]["fc_activations"] == 2 * (k - 1) / k * 3 * n * 4
+        # one all-gather of 4 scalars per example and worker, never the (N, classes) logits
+        assert got["bytes"]["fc_activations"] == (k - 1) / k * k * n * 4 * 4
+        assert got["calls"] == {"fc_activations/all_gather": 1}
 
 
 @pytest.mark.timeout(300)
@@ -69,7 +70,9 @@ def test_alexnet_hybrid_bytes_match_analytic_and_are_far_below_data_parallel():
     conv, fc, feat, frac = 2_469_696, 58_631_144, 9216, (k - 1) / k
     assert got["weights"] == pytest.approx(2 * frac * (-(-conv // k) * k) * 4, abs=8)
     assert got["activations"] == pytest.approx(k * 2 * frac * b * feat * 4, abs=8)  # broadcast + reduce per round
-    fc_internal = k * (2 * 2 * frac * k * b * (4096 // k) * 4 + 2 * frac * 3 * b * 4)
+    # per round: fc6 -> fc7 all-gather and reduce-scatter; fc7 -> fc8 is row-wise (1000 <= 4096
+    # classes): one all-reduce of the (b, 1000) logits in place of another 4096-wide pair
+    fc_internal = k * (2 * frac * k * b * (4096 // k) * 4 + 2 * frac * b * 1000 * 4)
     assert got["fc_activations"] == pytest.approx(fc_internal, abs=8)
     data_parallel = 2 * frac * (conv + fc) * 4
     assert sum(got.values()) < data_parallel / 20

@@ -104,6 +104,11 @@ def test_two_workers_train_the_default_network(tmp_path, strategy):
     assert summary["top1_error"] < 0.10, summary["top1_error"]
     assert summary["test_examples"] == 360  # the whole test set, each example once
     assert summary["bytes_per_step_total"] > 0
+    if strategy[1] == "hybrid":  # 2 rounds of (broadcast, fc6->fc7 gather and scatter, logits all-reduce),
+        # labels, activation-gradient reduce-scatter, trunk reduce-scatter and all-gather
+        assert summary["collectives_per_step_total"] == 12, summary["collectives_per_step"]
+        train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["calls_total"] == 12 for r in train if r["kind"] == "train")
 
 
 @pytest.mark.timeout(300)

@@ -15,7 +15,8 @@ from onetrick.models import TrunkHeadNet, fc_head
 from onetrick.recipe import model_sgd
 
 CLASSES = 5         # K=4: classes 2/2/1/0, so worker 3 owns no class (an empty shard)
-HIDDEN = (50, 30)   # uneven for K=4: shards 13/13/13/11 and 8/8/8/6
+HIDDEN = (50, 30)   # uneven for K=4: shards 13/13/13/11 and 8/8/8/6; 5 <= 30 classes: row-wise classifier
+NARROW = (50, 3)    # 5 > 3 classes: the classifier is split by classes (and hidden 3 over K=4: 1/1/1/0)
 
 
 def tiny_model(hidden=HIDDEN, classes=CLASSES) -> TrunkHeadNet:
@@ -44,22 +45,24 @@ def run_strategies(rt, cfg, runs: list[dict], steps: int, b: int) -> dict:
     dense weights, losses and bytes per step."""
     results = {}
     for i, changes in enumerate(runs):
-        run_cfg = cfg.replace(**changes)
-        strategy = parallelize(tiny_model(), run_cfg, rt)
+        run_cfg = cfg.replace(**{k: v for k, v in changes.items() if k != "hidden"})
+        strategy = parallelize(tiny_model(changes.get("hidden", HIDDEN)), run_cfg, rt)
         own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
-        losses, bytes_ = [], []
+        losses, bytes_, calls = [], [], []
         strategy.comm.take()
         for x, y in global_batches(steps, rt.world, b):
             out = strategy.train_step(x[own], y[own])
             losses.append(out.loss)
-            bytes_.append(strategy.comm.take()["bytes"])
-        results[i] = {"state": strategy.full_state_dict(), "losses": losses, "bytes": bytes_}
+            sent = strategy.comm.take()
+            bytes_.append(sent["bytes"])
+            calls.append(sent["calls"])
+        results[i] = {"state": strategy.full_state_dict(), "losses": losses, "bytes": bytes_, "calls": calls}
     return results
 
 
-def reference_sgd(cfg: TrainConfig, steps: int, k: int, b: int) -> tuple[dict, list[float]]:
+def reference_sgd(cfg: TrainConfig, steps: int, k: int, b: int, hidden=HIDDEN) -> tuple[dict, list[float]]:
     """One process, batch K*B: plain PyTorch, what synchronous SGD must equal."""
-    model = tiny_model()
+    model = tiny_model(hidden)
     opt = model_sgd(model, cfg, cfg.lr)
     losses = []
     for x, y in global_batches(steps, k, b):
@@ -117,7 +120,9 @@ def sharded_loss_and_grads(rt, cfg, classes: int, n: int) -> dict:
     local = logits[:, start:end].clone().requires_grad_()
     loss = sharded_cross_entropy(local, targets, start, comm)
     loss.backward()
-    return {"loss": loss.detach(), "grad": local.grad, "range": (start, end), "bytes": comm.take()["bytes"]}
+    sent = comm.take()
+    return {"loss": loss.detach(), "grad": local.grad, "range": (start, end), "bytes": sent["bytes"],
+            "calls": sent["calls"]}
 
 
 def two_tower_steps(rt, cfg, steps: int, b: int) -> dict:
@@ -207,3 +212,57 @@ def torchvision_reference(cfg: TrainConfig, name: str, steps: int, k: int, b: in
         F.cross_entropy(model(x), y).backward()
         opt.step()
     return sampled(model.state_dict(), stride)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+class HostReads:
+    """Counts the Tensor methods that read a value to the host (each one a host-device
+    sync on an accelerator) while active: the CPU-testable stand-in for CUDA's sync
+    debug mode."""
+
+    def __enter__(self) -> "HostReads":
+        self.count, self._saved = 0, {name: getattr(torch.Tensor, name) for name in HOST_READS}
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, self._counting(original))
+        return self
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def step_host_reads(rt, cfg, runs: list[dict], b: int) -> dict:
+    """Per run: host reads during 3 training steps plus their device accumulation, and
+    during one read of the accumulated figures; with ``--on-nan skip``, whether a step
+    with NaN images on worker 0 left the same weights as never taking that step.
+    (``--fc-batch worker`` skips per round: rounds without a NaN still update the head.)"""
+    from onetrick.distributed.strategy import StepStats
+
+    results = {}
+    batches = global_batches(3, rt.world, b)
+    bad = (batches[1][0].clone(), batches[1][1])
+    bad[0][:b] = float("nan")  # all of worker 0's rows: in scheme (c) every round gets some
+    for i, changes in enumerate(runs):
+        strategy = parallelize(tiny_model(), cfg.replace(on_nan="skip", **changes), rt)
+        own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
+        stats = StepStats(rt.device)
+        with HostReads() as during_steps:
+            for step, (x, y) in enumerate([batches[0], bad, batches[2]]):
+                stats.add(strategy.train_step(x[own], y[own]), step)
+        with HostReads() as during_read:
+            seen = stats.read()
+        skipped = strategy.full_state_dict()
+        clean = parallelize(tiny_model(), cfg.replace(on_nan="skip", **changes), rt)
+        for x, y in [batches[0], batches[2]]:
+            clean.train_step(x[own], y[own])
+        results[i] = {"step_reads": during_steps.count, "read_reads": during_read.count, "seen": seen,
+                      "skipped": skipped, "clean": clean.full_state_dict()}
+    return results

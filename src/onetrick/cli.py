@@ -139,7 +139,10 @@ def add_train_parser(sub) -> None:
     g.add_argument("--eval-views", type=int, choices=(1, 10), default=D.eval_views, help="1: centre crop, 10: corners+centre, flipped")
     g.add_argument("--log-every", type=int, default=D.log_every, help="write a metrics.jsonl record every N steps")
     g.add_argument("--ckpt-every", type=int, default=D.ckpt_every, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--on-nan", choices=("stop", "skip"), default=D.on_nan, help="a non-finite loss stops training or skips the step")
+    g.add_argument("--on-nan", choices=("stop", "skip"), default=D.on_nan,
+                   help="a non-finite loss stops training (noticed at the next logging or checkpoint step, "
+                        "so within --log-every steps; no checkpoint is written after it) or skips the "
+                        "step on the device (weights and momentum kept)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write metrics.jsonl's scalars for TensorBoard in RUN/tensorboard/")

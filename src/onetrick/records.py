@@ -82,6 +82,7 @@ class Totals:
         self.images: int = state.get("images", 0)
         self.comm_wait_s: float = state.get("comm_wait_s", 0.0)
         self.bytes: dict[str, int] = dict(state.get("bytes", {}))
+        self.calls: dict[str, int] = dict(state.get("calls", {}))     # collectives by "tag/op"
         self.skipped: int = state.get("skipped_steps", 0)
         self.eval_s: float = state.get("eval_s", 0.0)         # in test evaluations
         self.checkpoint_s: float = state.get("checkpoint_s", 0.0)
@@ -94,10 +95,13 @@ class Totals:
         self.comm_wait_s += comm["comm_wait_s"]
         for tag, n in comm["bytes"].items():
             self.bytes[tag] = self.bytes.get(tag, 0) + n
+        for key, n in comm.get("calls", {}).items():
+            self.calls[key] = self.calls.get(key, 0) + n
 
     def state(self, wall: float) -> dict:
         """What a checkpoint stores; ``wall``: this attempt's seconds so far."""
         return {"steps": self.steps, "images": self.images, "comm_wait_s": self.comm_wait_s, "bytes": self.bytes,
+                "calls": self.calls,
                 "skipped_steps": self.skipped, "wall_s": self.prior_wall_s + wall, "attempts": self.attempts,
                 "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s}
 
@@ -110,6 +114,8 @@ class Totals:
                 "images_per_s": self.images / train if train else 0.0,
                 "bytes_per_step": {tag: n / steps for tag, n in self.bytes.items()},
                 "bytes_per_step_total": sum(self.bytes.values()) / steps,
+                "collectives_per_step": {key: n / steps for key, n in self.calls.items()},
+                "collectives_per_step_total": sum(self.calls.values()) / steps,
                 "comm_wait_fraction": self.comm_wait_s / train if train else 0.0,
                 "skipped_steps": self.skipped, "attempts": self.attempts}
 

@@ -20,7 +20,7 @@ from . import checkpoint, preflight, rundir
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .distributed.runtime import Runtime, launch
-from .distributed.strategy import StepOutput, Strategy
+from .distributed.strategy import StepStats, Strategy
 from .evaluate import evaluate
 from .records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, restart_count, weights_copy
 from .recipe import schedule_factor, set_lr
@@ -72,11 +72,20 @@ def start(rt: Runtime, cfg: TrainConfig, strategy: Strategy) -> tuple[int, Total
     return step, Totals(checkpoint.read_meta(path).get("totals")), run_id
 
 
-def train_record(step: int, out: StepOutput, comm: dict, per_epoch: int, lr: float, images_per_s: float) -> dict:
-    """metrics.jsonl's line for a logged step: the loop's one reading of ``StepOutput``."""
-    return {"kind": "train", "step": step, "epoch": step / per_epoch, "loss": out.loss,
-            "train_error": out.errors / out.count, "lr": lr, "images_per_s": images_per_s,
-            "bytes": comm["bytes"], "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"]}
+def train_record(step: int, seen: dict, comm: dict, per_epoch: int, lr: float, images_per_s: float) -> dict:
+    """metrics.jsonl's line for a logged step, from one read of the device-side sums."""
+    return {"kind": "train", "step": step, "epoch": step / per_epoch, "loss": seen["loss"],
+            "train_error": seen["train_error"], "lr": lr, "images_per_s": images_per_s,
+            "bytes": comm["bytes"], "bytes_total": comm["bytes_total"], "calls": comm["calls"],
+            "calls_total": comm["calls_total"], "comm_wait_s": comm["comm_wait_s"]}
+
+
+def check_finite(seen: dict, cfg: TrainConfig) -> None:
+    """Under ``--on-nan stop``, stop at the first read after a non-finite loss: reads come
+    every ``--log-every`` steps and before every checkpoint, so none is ever written."""
+    if seen["nonfinite_steps"] and cfg.on_nan == "stop":
+        where = "the last checkpoint in " + str(cfg.out) if checkpoint.candidates(cfg.out) else "no checkpoint (none was written yet)"
+        raise NonFiniteLoss(f"non-finite loss at step {seen['first_nonfinite_step']}; weights left at {where}")
 
 
 def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dict:
@@ -93,6 +102,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
     start_time = interval_start = time.perf_counter()
     interval_images, test, step_times = 0, {}, []
     batches = train_batches(data, cfg, strategy, step)
+    stats = StepStats(rt.device)  # loss/errors summed on the device, read on log and checkpoint steps
     strategy.set_training(True)
     while step < total:
         _, images, targets = next(batches)
@@ -102,11 +112,12 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
         step_start = time.perf_counter()
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
         step_times.append(time.perf_counter() - step_start)
-        if strategy.nonfinite:
-            if cfg.on_nan == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {step}; weights left at the last checkpoint in {cfg.out}")
-            totals.skipped += 1  # --on-nan skip: the strategy left the weights as they were
+        stats.add(out, step)
         step += 1
+        checkpoint_now = step % cfg.ckpt_every == 0 or step == total
+        if logging_now or checkpoint_now:
+            seen = stats.read()
+            check_finite(seen, cfg)
         maybe_crash(step, rt.rank)
         bar.update(1)
         comm = strategy.comm.take()
@@ -114,7 +125,9 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
         interval_images += out.count
         if logging_now:
             now = time.perf_counter()
-            record = train_record(step, out, comm, per_epoch, strategy.optimizers()[0].param_groups[0]["lr"],
+            totals.skipped += seen["nonfinite_steps"]  # --on-nan skip: those steps left the weights as they were
+            stats.reset()
+            record = train_record(step, seen, comm, per_epoch, strategy.optimizers()[0].param_groups[0]["lr"],
                                   interval_images / (now - interval_start))
             record["skipped_steps"] = totals.skipped
             if rt.is_main:
@@ -128,13 +141,16 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
             eval_start = time.perf_counter()
             test = evaluate(strategy, data, cfg)
             totals.eval_s += time.perf_counter() - eval_start
+            strategy.comm.take()  # evaluation's traffic is no step's
             log.write({"kind": "test", "step": step, "epoch": step / per_epoch, **test})
             if rt.is_main and cfg.progress:
                 bar.write(f"step {step}: test top-1 error {test['top1_error']:.2%}, top-5 {test['top5_error']:.2%}")
             strategy.set_training(True)
-        if step % cfg.ckpt_every == 0 or step == total:
+        if checkpoint_now:
             ckpt_start = time.perf_counter()
             meta["totals"] = totals.state(ckpt_start - start_time)
+            if not logging_now:  # skipped steps read now but not yet logged
+                meta["totals"]["skipped_steps"] += seen["nonfinite_steps"]
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
             totals.checkpoint_s += time.perf_counter() - ckpt_start
     bar.close()

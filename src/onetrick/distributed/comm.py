@@ -66,8 +66,10 @@ class Comm:
                 work.wait()
 
     def take(self) -> dict:
-        """Counters since the last call, then reset them."""
-        snap = {"bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values()), "comm_wait_s": self.wait_s}
+        """Counters since the last call, then reset them: bytes by tag, collective calls
+        by ``"tag/op"`` (each one a point where the workers meet), and seconds waited."""
+        snap = {"bytes": dict(self.bytes), "bytes_total": sum(self.bytes.values()),
+                "calls": dict(self.calls), "calls_total": sum(self.calls.values()), "comm_wait_s": self.wait_s}
         self.bytes.clear()
         self.calls.clear()
         self.wait_s = 0.0

@@ -141,8 +141,9 @@ class ShardedDataParallel(Strategy):
                 bucket.grad[a:b].copy_(p.grad.flatten())
         bucket.work = self.comm.reduce_scatter(bucket.grad_shard, bucket.grad, tag=self.tag, async_op=True)
 
-    def sync_and_step(self, skip_update: bool = False) -> None:
-        """Finish the reduce-scatters, update the owned shards, all-gather the weights."""
+    def sync_and_step(self, finite: torch.Tensor) -> None:
+        """Finish the reduce-scatters, update the owned shards (skipped on the device where
+        ``finite`` is false under ``--on-nan skip``), all-gather the weights."""
         for bucket in self.buckets:
             if bucket.work is None:  # a bucket whose hooks did not all fire (unused params)
                 self._launch(bucket)
@@ -151,8 +152,7 @@ class ShardedDataParallel(Strategy):
             bucket.pending = len(bucket.params)
             if self.average:
                 bucket.grad_shard.div_(self.comm.size)
-        if not skip_update:
-            self.optimizer.step()
+        self.step(self.optimizer, finite)
         works = [self.comm.all_gather(b.flat, b.shard, tag=self.tag, async_op=True) for b in self.buckets]
         for work in works:
             self.comm.wait(work)
@@ -164,7 +164,7 @@ class ShardedDataParallel(Strategy):
         loss = F.cross_entropy(logits, targets)
         loss.backward()
         out = self.global_stats(loss * len(targets), logits, targets)
-        self.sync_and_step(skip_update=self.nonfinite)
+        self.sync_and_step(out.finite)
         return out
 
     # -- state: full momentum assembled from the shards --------------------------

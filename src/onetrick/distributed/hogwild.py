@@ -32,6 +32,7 @@ Testing hooks (environment variables, read by every asynchronous worker; not CLI
 """
 from __future__ import annotations
 
+import gc
 import os
 import random
 import time
@@ -54,7 +55,7 @@ from ..records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, w
 from ..source import Source
 from ..worker import setup, steps_per_epoch, total_steps, train_batches
 from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
-from .strategy import SingleStrategy, StepOutput, Strategy
+from .strategy import SingleStrategy, StepOutput, StepStats, Strategy
 
 DELAY_ENV = "ONETRICK_ASYNC_DELAY_MS"
 FAIL_ENV = "ONETRICK_ASYNC_FAIL_AT"
@@ -113,10 +114,15 @@ def _one_step(cfg: TrainConfig, strategy: Strategy, batches, step: int, index: i
     _inject_faults(step, index)
     _, images, targets = next(batches)
     device = strategy.rt.device
-    out = strategy.train_step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-    if strategy.nonfinite and cfg.on_nan == "stop":
-        raise NonFiniteLoss(f"non-finite loss at step {step} of worker {index}")
-    return out
+    return strategy.train_step(images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+
+
+def _read_stats(cfg: TrainConfig, stats: StepStats, index: int) -> dict:
+    """One host-device sync, every --log-every steps: --on-nan stop stops here."""
+    seen = stats.read()
+    if seen["nonfinite_steps"] and cfg.on_nan == "stop":
+        raise NonFiniteLoss(f"non-finite loss at step {seen['first_nonfinite_step']} of worker {index}")
+    return seen
 
 
 def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: int, log: RunLog,
@@ -139,14 +145,18 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
                mininterval=1.0, dynamic_ncols=True)
     result = {"index": index, "error": None, "start": time.monotonic(), "totals": Totals()}
     interval = [result["start"], 0]  # start time and images of the current logging interval
+    stats = StepStats(strategy.rt.device)  # summed on the device, read every --log-every steps
     strategy.set_training(True)
     for step in range(total):
         if before_step:
             before_step(step)
-        logging_now = is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total)
+        read_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
+        logging_now = is_main and read_now
         before = weights_copy(strategy.model) if logging_now else {}
         try:
             out = _one_step(cfg, strategy, batches, step, index)
+            stats.add(out, step)
+            seen = _read_stats(cfg, stats, index) if read_now else {}
         except Exception as err:  # noqa: BLE001 - any training error: reported, the others carry on
             result["error"] = f"{type(err).__name__}: {err}"
             break
@@ -161,13 +171,16 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         bar.update(1)
         if logging_now:
             now = time.monotonic()
-            log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": out.loss,
-                       "train_error": out.errors / out.count, "lr": cfg.lr * schedule_factor(cfg, step, total),
+            log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": seen["loss"],
+                       "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"],
+                       "lr": cfg.lr * schedule_factor(cfg, step, total),
                        "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
                        "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
                        "layers": layer_stats(strategy.model, before)})
-            bar.set_postfix(loss=f"{out.loss:.3f}", err=f"{out.errors / out.count:.3f}")
+            bar.set_postfix(loss=f"{seen['loss']:.3f}", err=f"{seen['train_error']:.3f}")
             interval[:] = [now, 0]
+        if read_now:
+            stats.reset()
         if is_main and (step + 1) % cfg.eval_every == 0 and step + 1 < total:  # the final one is the caller's
             log.write({"kind": "test", "step": step + 1, "epoch": (step + 1) / per_epoch, **evaluate(strategy, data, cfg)})
             strategy.set_training(True)
@@ -180,7 +193,7 @@ def _merged(parts: list[Totals]) -> Totals:
     """All workers' totals as one; comm wait averaged, so its fraction is per worker."""
     merged = Totals()
     for t in parts:
-        merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes})
+        merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes, "calls": t.calls})
     merged.steps = sum(t.steps for t in parts)
     merged.skipped = sum(t.skipped for t in parts)
     return merged
@@ -215,13 +228,24 @@ def raise_if_failed(summary: dict, cfg: TrainConfig) -> None:
 
 
 # -- Hogwild -------------------------------------------------------------------------------
-def _hogwild_worker(index: int, cfg: TrainConfig, model: torch.nn.Module, queue, source: Source | None = None) -> None:
-    """Body of worker process ``index``: train on the shared ``model``, put the counters
-    (or the setup error) on ``queue``."""
+def _hogwild_worker(index: int, cfg: TrainConfig, shared: list, queue, source: Source | None = None) -> None:
+    """Body of worker process ``index``: train on the shared model (``shared``'s one
+    element), put the counters (or the setup error) on ``queue``.
+
+    The model comes in a list that this worker empties: the Process object keeps its
+    arguments until exit, and a CUDA tensor received from the parent must be freed here
+    first, or the parent warns "Producer process has been terminated before all shared
+    CUDA tensors released" (CUDA IPC counts the consumers' references)."""
+    model = shared.pop()
     try:
-        queue.put(_hogwild_train(index, cfg, model, source))
+        result = _hogwild_train(index, cfg, model, source)
     except Exception as err:  # noqa: BLE001 - reported by the parent as this worker's failure
-        queue.put({"index": index, "fatal": f"{type(err).__name__}: {err}"})
+        result = {"index": index, "fatal": f"{type(err).__name__}: {err}"}
+    del model
+    gc.collect()  # the strategy's hooks and optimizer form cycles that hold the shared tensors
+    if cfg.device == "cuda":
+        torch.cuda.synchronize()
+    queue.put(result)
 
 
 def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source: Source | None = None) -> dict:
@@ -279,7 +303,7 @@ def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
 def _run_workers(cfg: TrainConfig, model: torch.nn.Module, source: Source | None) -> tuple[list[dict], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, model, queue, source), name=f"hogwild-{i}")
+    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, [model], queue, source), name=f"hogwild-{i}")
              for i in range(cfg.workers)]
     for p in procs:
         p.start()
@@ -291,6 +315,8 @@ def _run_workers(cfg: TrainConfig, model: torch.nn.Module, source: Source | None
             if p.is_alive():
                 p.terminate()
                 p.join()
+        if cfg.device == "cuda":
+            torch.cuda.ipc_collect()  # free what the workers' CUDA IPC handles kept alive
     return [results[i] for i in sorted(results)], [lost[i] for i in sorted(lost)]
 
 

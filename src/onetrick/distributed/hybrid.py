@@ -8,7 +8,8 @@ neuron-sharded head by one of three schemes (docs/PAPER.md, "The hybrid's three 
   are reduce-scattered back to their owners.
 * (b) K rounds: in round j worker j's B activations are broadcast and every worker runs
   its head slice forward and backward on them, while round j+1's broadcast is already in
-  flight; the activation gradient is reduced back to worker j.
+  flight; after the last round one reduce-scatter returns every round's activation
+  gradient to its owner.
 * (c) an all-to-all first gives every worker B/K examples from each worker, then as (b),
   so every round mixes all workers' examples.
 
@@ -59,28 +60,33 @@ class Hybrid(ShardedHeadStrategy):
             loss, errors = self._scheme_a(feats, targets)
         else:
             loss, errors = self._rounds(feats, targets)
-        self.nonfinite = not bool(torch.isfinite(torch.tensor(loss)))
-        self.trunk_sync.sync_and_step(skip_update=self.nonfinite)
-        if not self.per_round and not self.nonfinite:
-            self.head_opt.step()
-        return StepOutput(loss=loss, errors=errors, count=len(targets) * self.comm.size)
+        finite = torch.isfinite(loss)  # the same on every worker: computed from the same numbers
+        self.trunk_sync.sync_and_step(finite)
+        if not self.per_round:
+            self.step(self.head_opt, finite)
+        count = len(targets) * self.comm.size
+        return StepOutput(loss * count, errors, count=count, finite=finite)
 
-    def _scheme_a(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    def _scheme_a(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         every_target = self._gather_targets(targets).flatten()
         loss, errors = self.loss_and_errors(self.head(gather_rows(feats, self.comm)), every_target)
         loss.backward()  # reduce-scatter returns each worker the gradient of its rows
-        return float(loss.detach()), int(errors)
+        return loss.detach(), errors
 
-    def _rounds(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-        """Schemes (b) and (c): K rounds, next broadcast in flight during each round."""
+    def _rounds(self, feats: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schemes (b) and (c): K rounds, next broadcast in flight during each round.
+
+        A round carries only what it needs: its activations, the head's own exchanges and
+        the loss's. Labels move once per step; loss and errors stay on the device; the
+        activation gradients of all rounds return to their owners in one reduce-scatter
+        (the owner's trunk backward cannot start before the last round anyway: the last
+        round's owner sets the pace of the trunk's gradient sync)."""
         k, rank = self.comm.size, self.comm.rank
         own = feats if self.scheme == "b" else all_to_all_rows(feats, self.comm)
-        own_targets = targets if self.scheme == "b" else self._exchange_targets(targets)
-        round_targets = self._gather_targets(own_targets)          # (K, B): round j's labels
+        round_targets = self._round_targets(targets)              # (K, B): round j's labels
         acts = [own.detach() if j == rank else torch.empty_like(own) for j in range(k)]
         inflight = {0: self.comm.broadcast(acts[0], src=0, tag=TAG, async_op=True)}
-        grads, reductions = [], []
-        loss_sum, errors = 0.0, 0
+        grads, losses, errors = [], [], []
         for j in range(k):
             if j + 1 < k:  # overlap: round j+1's activations travel while round j computes
                 inflight[j + 1] = self.comm.broadcast(acts[j + 1], src=j + 1, tag=TAG, async_op=True)
@@ -89,26 +95,30 @@ class Hybrid(ShardedHeadStrategy):
             loss, errs = self.loss_and_errors(self.head(x), round_targets[j])
             (loss if self.per_round else loss / k).backward()
             grads.append(x.grad)
-            reductions.append(self.comm.reduce(x.grad, dst=j, tag=TAG, async_op=True))
-            loss_sum, errors = loss_sum + float(loss.detach()), errors + int(errs)
+            losses.append(loss.detach())
+            errors.append(errs)
             if self.per_round:
-                if torch.isfinite(loss):
-                    self.head_opt.step()
+                self.step(self.head_opt, torch.isfinite(loss.detach()))
                 self.head_opt.zero_grad(set_to_none=True)
-        for work in reductions:
-            self.comm.wait(work)
-        own.backward(grads[rank])  # through the all-to-all (c) and the trunk
-        return loss_sum / k, errors
+        own_grad = torch.empty_like(own)  # sum over workers of the partial gradients of my round
+        self.comm.reduce_scatter(own_grad, torch.cat(grads), tag=TAG)
+        own.backward(own_grad)  # through the all-to-all (c) and the trunk
+        return torch.stack(losses).mean(), torch.stack(errors).sum()
 
     def _gather_targets(self, targets: torch.Tensor) -> torch.Tensor:
         out = targets.new_empty(self.comm.size * targets.numel())
         self.comm.all_gather(out, targets.contiguous(), tag="labels")
         return out.view(self.comm.size, -1)
 
-    def _exchange_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(targets)
-        self.comm.all_to_all(out, targets.contiguous(), tag="labels")
-        return out
+    def _round_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Row j: the labels of round j's examples, from one all-gather of every worker's.
+        Scheme (c)'s round j holds the j-th B/K chunk of each worker's rows, in worker order
+        (what :func:`all_to_all_rows` delivers)."""
+        every = self._gather_targets(targets)                      # (K, B), row r from worker r
+        if self.scheme == "b":
+            return every
+        k = self.comm.size
+        return every.view(k, k, -1).transpose(0, 1).reshape(k, -1)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

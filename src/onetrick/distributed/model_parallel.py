@@ -11,8 +11,8 @@ layers).
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
@@ -24,8 +24,7 @@ from .tensor_parallel import (
     gather_columns,
     replicated_input,
     shard_range,
-    sharded_cross_entropy,
-    sharded_errors,
+    sharded_loss_and_errors,
 )
 
 
@@ -42,18 +41,24 @@ class ShardedHeadStrategy(Strategy):
     def head_optimizer(self, lr: float) -> torch.optim.SGD:
         return make_sgd(param_groups(self.head_params, self.cfg, lr), self.cfg)
 
-    def full_logits(self, local_logits: torch.Tensor) -> torch.Tensor:
-        return gather_columns(local_logits, self.comm, self.head.widths[-1], "eval")
+    def full_logits(self, head_out: torch.Tensor) -> torch.Tensor:
+        """All classes' logits from what the head returned (already whole if row-wise)."""
+        if self.head.row_wise:
+            return head_out
+        return gather_columns(head_out, self.comm, self.head.widths[-1], "eval")
 
-    def loss_and_errors(self, local_logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        offset = self.head.class_offset
-        loss = sharded_cross_entropy(local_logits, targets, offset, self.comm)
-        return loss, sharded_errors(local_logits.detach(), targets, offset, self.comm)
+    def loss_and_errors(self, head_out: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss (differentiable) and top-1 errors, as device tensors (no host read)."""
+        if self.head.row_wise:  # every worker holds the full logits: no communication
+            return F.cross_entropy(head_out, targets), (head_out.detach().argmax(1) != targets).sum()
+        return sharded_loss_and_errors(head_out, targets, self.head.class_offset, self.comm)
 
     # -- state ------------------------------------------------------------------------
     def head_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Head weights and momentum as DTensors sharded by neurons (``Shard(0)``): each
-        worker writes only its own shard to the checkpoint, and DCP reshards on load."""
+        """Head weights and momentum as DTensors sharded as the head splits them
+        (``Shard(0)`` by neurons; a row-wise classifier's weight ``Shard(1)``, its bias
+        ``Replicate``): each worker writes only its own shard to the checkpoint, and DCP
+        reshards on load (also between layouts: the dense names and shapes are the same)."""
         weights, moms = {}, {}
         for name, p in self.head.named_parameters():
             key = "head." + self.head.local_to_dense()[name]
@@ -63,14 +68,10 @@ class ShardedHeadStrategy(Strategy):
         return weights, moms
 
     def _as_dtensor(self, local: torch.Tensor, name: str) -> DTensor:
-        rows = sum(self.head.widths[self._linear_index(name)])
-        shape = (rows,) + tuple(local.shape[1:])
-        return DTensor.from_local(local, self.rt.mesh, [Shard(0)], run_check=False,
+        dim = self.head.split_dim(name)
+        shape = self.head.dense_shape(name, local)
+        return DTensor.from_local(local, self.rt.mesh, [Replicate() if dim is None else Shard(dim)], run_check=False,
                                   shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
-
-    def _linear_index(self, local_name: str) -> int:
-        idx = int(local_name.split(".")[1])
-        return sum(isinstance(m, nn.Linear) for m in self.head.layers[:idx])
 
     def dense_head_state(self) -> dict[str, torch.Tensor]:
         """Head weights gathered into dense tensors on every worker."""
@@ -84,14 +85,17 @@ class ShardedHeadStrategy(Strategy):
         with torch.no_grad():
             for name, p in self.head.named_parameters():
                 key = "head." + dense_names[name]
-                p.copy_(self._local_part(model[key]))
-                optimizer.state[p]["momentum_buffer"] = self._local_part(momentum[key]).to(p.device).clone()
+                p.copy_(self._local_part(model[key], name))
+                optimizer.state[p]["momentum_buffer"] = self._local_part(momentum[key], name).to(p.device).clone()
 
-    def _local_part(self, value: torch.Tensor) -> torch.Tensor:
+    def _local_part(self, value: torch.Tensor, name: str) -> torch.Tensor:
         if isinstance(value, DTensor):
             return value.to_local()
-        start, end = shard_range(value.shape[0], self.comm.size, self.comm.rank)
-        return value[start:end]
+        dim = self.head.split_dim(name)
+        if dim is None:
+            return value
+        start, end = shard_range(value.shape[dim], self.comm.size, self.comm.rank)
+        return value.narrow(dim, start, end - start)
 
 
 class ModelParallel(ShardedHeadStrategy):
@@ -125,10 +129,9 @@ class ModelParallel(ShardedHeadStrategy):
         self.optimizer.zero_grad(set_to_none=True)
         loss, errors = self.loss_and_errors(self.head(self.features(images)), targets)
         loss.backward()
-        self.nonfinite = not bool(torch.isfinite(loss))
-        if not self.nonfinite:
-            self.optimizer.step()
-        return StepOutput(loss=float(loss.detach()), errors=int(errors), count=len(targets))
+        finite = torch.isfinite(loss.detach())
+        self.step(self.optimizer, finite)
+        return StepOutput(loss.detach() * len(targets), errors, count=len(targets), finite=finite)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -86,11 +86,14 @@ def init_worker(cfg: TrainConfig) -> Runtime:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.timeout_s)
+    # device_id binds the group to this GPU at once (NCCL connects eagerly, and no
+    # collective has to guess the device from the rank)
+    bound = {"device_id": device} if device.type == "cuda" else {}
     if "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
-                                timeout=timeout)
+                                timeout=timeout, **bound)
     else:  # one worker started by hand: a private store, no ports
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **bound)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("workers",))
     return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, mesh=mesh)
 

@@ -22,11 +22,76 @@ from .runtime import Runtime
 
 @dataclass
 class StepOutput:
-    """Loss and top-1 errors over the *global* batch (all workers' examples)."""
+    """Summed loss and top-1 errors over the *global* batch (all workers' examples), as
+    device tensors: a step never waits for the device (the loop reads them on logging
+    and checkpoint steps only, see :class:`StepStats`). ``finite`` (a device bool) says
+    whether the loss was finite; the same on every worker."""
 
-    loss: float
-    errors: int
+    loss_sum: torch.Tensor
+    errors: torch.Tensor
     count: int
+    finite: torch.Tensor
+
+    @property
+    def loss(self) -> float:
+        """The mean loss, read from the device (a host-device sync: tests and tools only)."""
+        return float(self.loss_sum) / self.count
+
+
+class StepStats:
+    """Sums of :class:`StepOutput` on the device between two reads, so the logged figures
+    are exact over the interval and a step costs no host-device sync. Steps whose loss
+    was not finite are counted (and the first one's index kept), not summed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, errors, count, bad steps
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.steps = 0
+
+    def add(self, out: StepOutput, step: int) -> None:
+        """Accumulate step ``step`` (0-based); no host read."""
+        ok = out.finite
+        good = torch.stack([out.loss_sum.double(), out.errors.double(), ok.double() * out.count])
+        self.sums[:3] += torch.where(ok, good, torch.zeros_like(good))  # (a scalar count is a kernel argument: no copy)
+        self.sums[3] += (~ok).double()
+        self.first_bad = torch.where((self.first_bad < 0) & ~ok, step, self.first_bad)
+        self.steps += 1
+
+    def read(self) -> dict:
+        """One host-device sync: the interval's mean loss, error rate, example count,
+        non-finite steps and the first of them (-1: none). :meth:`reset` starts a new one."""
+        loss, errors, count, bad, first_bad = torch.cat([self.sums, self.first_bad.double()[None]]).tolist()
+        nan = float("nan")
+        return {"loss": loss / count if count else nan, "train_error": errors / count if count else nan,
+                "examples": int(count), "nonfinite_steps": int(bad), "first_nonfinite_step": int(first_bad)}
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor, skip: bool) -> None:
+    """``optimizer.step()``; with ``skip``, a step whose ``finite`` flag (a device bool) is
+    false leaves parameters and momentum as they were, decided on the device without a
+    host read (as ``torch.amp.GradScaler`` skips a step). Costs, in skip mode only, one
+    copy of the stepped parameters and their momentum, and an elementwise select."""
+    if not skip:
+        optimizer.step()
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    zero = torch.zeros((), device=finite.device)
+    with torch.no_grad():
+        for p in params:  # a masked gradient also makes accumulating "optimizers" skip
+            p.grad.copy_(torch.where(finite, p.grad, zero.to(p.grad.dtype)))
+        old = [p.detach().clone() for p in params]
+        bufs = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+        old_bufs = [b.clone() if b is not None else None for b in bufs]
+        optimizer.step()
+        for p, o, b in zip(params, old, old_bufs):
+            p.copy_(torch.where(finite, p, o))
+            new = optimizer.state.get(p, {}).get("momentum_buffer")
+            if new is not None:  # a buffer born on a skipped step is zero: the same as none (no dampening)
+                new.copy_(torch.where(finite, new, b if b is not None else zero.to(new.dtype)))
 
 
 class Strategy:
@@ -39,7 +104,6 @@ class Strategy:
         self.rt = rt
         self.model = model.to(rt.device)
         self.comm = Comm()
-        self.nonfinite = False
 
     # -- data placement: which slice of each global batch this worker reads ----
     @property
@@ -81,13 +145,18 @@ class Strategy:
 
     # -- shared helpers ----------------------------------------------------------
     def global_stats(self, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        """Sum loss, errors and count over the data-parallel workers (one tiny all-reduce)."""
-        errors = (logits.argmax(1) != targets).sum()
-        stats = torch.stack([loss_sum.detach().float(), errors.float(), torch.tensor(float(len(targets)), device=logits.device)])
+        """Sum loss and errors over the data-parallel workers (one tiny all-reduce on the
+        device, never read here): the finite flag is then the same on every worker."""
+        errors = (logits.detach().argmax(1) != targets).sum()
+        loss_sum = loss_sum.detach().float()
+        stats = torch.stack([loss_sum, errors.float(), loss_sum.new_full((), float(len(targets)))])  # a fill: no copy
         if self.data_world > 1:
             self.comm.all_reduce(stats, tag="metrics")
-        self.nonfinite = not bool(torch.isfinite(stats[0]))
-        return StepOutput(loss=float(stats[0] / stats[2]), errors=int(stats[1]), count=int(stats[2]))
+        return StepOutput(stats[0], stats[1], count=len(targets) * self.data_world, finite=torch.isfinite(stats[0]))
+
+    def step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+        """Apply an update; ``--on-nan skip`` skips it on the device where the loss was not finite."""
+        guarded_step(optimizer, finite, self.cfg.on_nan == "skip")
 
 
 class SingleStrategy(Strategy):
@@ -106,8 +175,7 @@ class SingleStrategy(Strategy):
         loss = F.cross_entropy(logits, targets)
         loss.backward()
         out = self.global_stats(loss * len(targets), logits, targets)
-        if not self.nonfinite:
-            self.optimizer.step()
+        self.step(self.optimizer, out.finite)
         return out
 
 

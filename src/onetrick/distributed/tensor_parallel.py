@@ -1,6 +1,6 @@
 """Model parallelism's building blocks: collectives with the right backward, a
-fully-connected head whose every layer is split by output neurons, and a softmax
-cross-entropy over class-sharded logits.
+fully-connected head split over workers (hidden layers by output neurons, the classifier
+by classes or by inputs), and a softmax cross-entropy over class-sharded logits.
 
 These are written on torch.distributed collectives rather than DTensor because they
 need uneven shards (a width not divisible by K), byte accounting, and the hybrid's
@@ -15,7 +15,6 @@ import math
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
@@ -98,6 +97,21 @@ class _ReplicatedInput(Function):
         return grad, None
 
 
+class _SumPartials(Function):
+    """Sum of every worker's partial result (all-reduce); backward is the identity, since
+    each worker's partial contributed with weight one (Megatron's "g")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        out = x.contiguous().clone()
+        comm.all_reduce(out, tag=HEAD_TAG)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class _AllToAllRows(Function):
     """Worker r sends rows chunk j of its (B, F) to worker j; receives chunk r of
     everyone's. Backward is the same exchange in reverse."""
@@ -128,60 +142,102 @@ def replicated_input(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     return _ReplicatedInput.apply(x, comm)
 
 
+def sum_partials(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    return _SumPartials.apply(x, comm)
+
+
 def all_to_all_rows(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     return _AllToAllRows.apply(x, comm)
 
 
 # -- the sharded head ----------------------------------------------------------------
 class ShardedHead(nn.Module):
-    """This worker's 1/K of every Linear layer of a dense head (by output neurons).
+    """This worker's 1/K of every Linear layer of a dense head.
 
-    ``forward(x)`` takes the full input (N, F), identical on every worker, and returns
-    this worker's slice of the logits (N, C_r); between layers the activation slices are
-    all-gathered. Gradients w.r.t. ``x`` are partial: callers wrap ``x`` with a
-    collective whose backward sums them (:func:`replicated_input`, :func:`gather_rows`).
+    Hidden layers are split by output neurons (``Shard(0)``); between them the activation
+    slices are all-gathered. The classifier is split one of two ways:
+
+    * by classes (``Shard(0)``, as the hidden layers) when it has more classes than
+      inputs: ``forward`` returns this worker's slice of the logits (N, C_r), and the loss
+      is :func:`sharded_cross_entropy` (100,000 classes never cross the network);
+    * by inputs (``row_wise``: weight ``Shard(1)``, bias replicated) when it has at most
+      as many classes as inputs (AlexNet's 4096 -> 1000): each worker multiplies its own
+      slice of the last hidden activations, and one all-reduce of the (N, C) partial
+      logits replaces the all-gather before the classifier, its reduce-scatter in
+      backward and the sharded loss's exchange. Every worker then holds the full logits.
+
+    ``forward(x)`` takes the full input (N, F), identical on every worker. Gradients
+    w.r.t. ``x`` are partial: callers wrap ``x`` with a collective whose backward sums
+    them (:func:`replicated_input`, :func:`gather_rows`).
     """
 
     def __init__(self, head: nn.Sequential, comm: Comm) -> None:
         super().__init__()
         self.comm = comm
         self.layers = nn.ModuleList()
-        self.widths: list[list[int]] = []    # per Linear: every worker's output width
+        self.widths: list[list[int]] = []    # per Linear: every worker's width along its split
         self.names: list[str] = []           # per Linear: its name in the dense head
+        linears = [m for m in head.children() if isinstance(m, nn.Linear)]
+        last = linears[-1]
+        self.row_wise = len(linears) > 1 and last.out_features <= last.in_features
         for name, layer in head.named_children():
             if not isinstance(layer, (nn.Linear, *ELEMENTWISE)):  # fit/parallelize refuse it earlier
                 raise ValueError(unshardable(head))
             if isinstance(layer, nn.Linear):
-                widths = shard_sizes(layer.out_features, comm.size)
-                start, end = shard_range(layer.out_features, comm.size, comm.rank)
+                row = self.row_wise and layer is last
+                n = layer.in_features if row else layer.out_features
+                start, end = shard_range(n, comm.size, comm.rank)
                 # A worker may own no neurons of a narrow layer (10 classes over 8 workers:
                 # 2,2,2,2,2,0,0,0, DTensor's Shard(0) layout); its shard is then empty.
                 with warnings.catch_warnings():  # "initializing zero-element tensors is a no-op"
                     warnings.simplefilter("ignore", UserWarning)
-                    local = nn.Linear(layer.in_features, end - start, bias=layer.bias is not None,
+                    local = nn.Linear(end - start if row else layer.in_features,
+                                      layer.out_features if row else end - start, bias=layer.bias is not None,
                                       device=layer.weight.device, dtype=layer.weight.dtype)
                 with torch.no_grad():
-                    for p, value in local.named_parameters():
-                        value.copy_(getattr(layer, p)[start:end])
+                    local.weight.copy_(layer.weight[:, start:end] if row else layer.weight[start:end])
+                    if layer.bias is not None:
+                        local.bias.copy_(layer.bias if row else layer.bias[start:end])
                 self.layers.append(local)
-                self.widths.append(widths)
+                self.widths.append(shard_sizes(n, comm.size))
                 self.names.append(name)
             else:
                 self.layers.append(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        linear_seen = 0
+        linear_seen, count = 0, len(self.names)
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
-                if linear_seen:
-                    x = gather_columns(x, self.comm, self.widths[linear_seen - 1], HEAD_TAG)
                 linear_seen += 1
+                if self.row_wise and linear_seen == count:  # x is already this worker's slice
+                    logits = sum_partials(F.linear(x, layer.weight), self.comm)
+                    return logits if layer.bias is None else logits + layer.bias
+                if linear_seen > 1:
+                    x = gather_columns(x, self.comm, self.widths[linear_seen - 2], HEAD_TAG)
             x = layer(x)
         return x
 
     @property
     def class_offset(self) -> int:
-        return sum(self.widths[-1][:self.comm.rank])
+        return 0 if self.row_wise else sum(self.widths[-1][:self.comm.rank])
+
+    def split_dim(self, local_name: str) -> int | None:
+        """How a local parameter splits its dense tensor: 0 (rows: output neurons),
+        1 (columns: the row-wise classifier's weight) or None (replicated: its bias)."""
+        if not (self.row_wise and self.linear_index(local_name) == len(self.names) - 1):
+            return 0
+        return 1 if local_name.endswith("weight") else None
+
+    def dense_shape(self, local_name: str, local: torch.Tensor) -> tuple[int, ...]:
+        dim, total = self.split_dim(local_name), sum(self.widths[self.linear_index(local_name)])
+        shape = list(local.shape)
+        if dim is not None:
+            shape[dim] = total
+        return tuple(shape)
+
+    def linear_index(self, local_name: str) -> int:
+        idx = int(local_name.split(".")[1])
+        return sum(isinstance(m, nn.Linear) for m in self.layers[:idx])
 
     def local_to_dense(self) -> dict[str, str]:
         """Local parameter name -> dense head parameter name."""
@@ -196,72 +252,70 @@ class ShardedHead(nn.Module):
     def gather_dense(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All-gather per-layer shards (``{local name: tensor}``) into dense-head tensors."""
         out = {}
-        for idx, layer in enumerate(self.layers):
-            if not isinstance(layer, nn.Linear):
-                continue
-            widths = self.widths[sum(isinstance(m, nn.Linear) for m in self.layers[:idx])]
-            for p, _ in layer.named_parameters():
-                local = tensors[f"layers.{idx}.{p}"]
+        for local_name, dense_name in self.local_to_dense().items():
+            local, dim = tensors[local_name], self.split_dim(local_name)
+            widths = self.widths[self.linear_index(local_name)]
+            if dim is None:
+                out[dense_name] = local.clone()
+            elif dim == 1:
+                out[dense_name] = gather_columns(local.contiguous(), self.comm, widths, "checkpoint").clone()
+            else:
                 rows = local.reshape(local.shape[0], math.prod(local.shape[1:]))  # (0, F) for an empty shard
                 full = gather_columns(rows.t().contiguous(), self.comm, widths, "checkpoint").t()
-                out[self.local_to_dense()[f"layers.{idx}.{p}"]] = full.reshape((-1,) + tuple(local.shape[1:])).clone()
+                out[dense_name] = full.reshape((-1,) + tuple(local.shape[1:])).clone()
         return out
 
 
 # -- cross-entropy on class-sharded logits --------------------------------------------
 class _ShardedCrossEntropy(Function):
-    """Mean softmax cross-entropy where worker r holds logits of classes
-    [offset, offset + C_r). Only (N,)-sized vectors cross the network: the row max, the
-    row sum of exponentials and the target logit; the full logits are never assembled."""
+    """Mean softmax cross-entropy, and the top-1 errors, where worker r holds the logits
+    of classes [offset, offset + C_r). One all-gather of four numbers per example and
+    worker (its classes' log-sum-exp, the target logit if it holds the target, its best
+    logit and that class) gives every worker the exact loss and the errors; the full
+    logits are never assembled."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm):
         logits = logits.float()
-        row_max = _row_max(logits)
-        comm.all_reduce(row_max, tag=HEAD_TAG, op=dist.ReduceOp.MAX)
-        exp = (logits - row_max[:, None]).exp()
-        row_sum = exp.sum(dim=1)
+        n, c = logits.shape
         local_t = targets - offset
-        mine = (local_t >= 0) & (local_t < logits.shape[1])
-        idx = local_t.clamp(0, logits.shape[1] - 1)
-        local_target = logits.gather(1, idx[:, None]).squeeze(1) if logits.shape[1] else torch.zeros_like(row_max)
-        target_logit = torch.where(mine, local_target, torch.zeros_like(row_max))
-        reduced = torch.stack([row_sum, target_logit])
-        comm.all_reduce(reduced, tag=HEAD_TAG)
-        row_sum, target_logit = reduced
-        loss = (row_sum.log() + row_max - target_logit).mean()
-        ctx.save_for_backward(exp / row_sum[:, None], mine, idx)
-        return loss
+        mine = (local_t >= 0) & (local_t < c)
+        idx = local_t.clamp(0, max(c - 1, 0))
+        if c:
+            best, arg = logits.max(dim=1)
+            lse, target = logits.logsumexp(dim=1), logits.gather(1, idx[:, None]).squeeze(1)
+        else:  # a worker that owns no classes: -inf never wins, contributes exp(-inf) = 0
+            best = lse = logits.new_full((n,), float("-inf"))
+            arg, target = torch.zeros_like(targets), logits.new_zeros(n)
+        mine_target = torch.where(mine, target, torch.zeros_like(target))
+        stats = torch.stack([lse, mine_target, best, (arg + offset).float()], dim=1).contiguous()
+        every = stats.new_empty(comm.size * stats.numel())
+        comm.all_gather(every, stats.flatten(), tag=HEAD_TAG)
+        every = every.view(comm.size, n, 4)
+        total_lse = every[:, :, 0].logsumexp(dim=0)
+        winner = every[:, :, 2].argmax(dim=0)   # the first worker with the best logit, as argmax
+        predicted = every[winner, torch.arange(n, device=logits.device), 3].long()
+        ctx.save_for_backward(logits, total_lse, mine, idx)
+        ctx.mark_non_differentiable(predicted)
+        loss = (total_lse - every[:, :, 1].sum(dim=0)).mean()
+        return loss, (predicted != targets).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        softmax, mine, idx = ctx.saved_tensors
-        g = softmax.clone()
-        rows = mine.nonzero().squeeze(1)
-        g[rows, idx[rows]] -= 1.0
-        return g * (grad / softmax.shape[0]), None, None, None
+    def backward(ctx, grad: torch.Tensor, _errors_grad):
+        logits, total_lse, mine, idx = ctx.saved_tensors
+        g = (logits - total_lse[:, None]).exp()
+        if g.shape[1]:  # minus one at the target, where this worker holds it (no host read: no nonzero())
+            g.scatter_add_(1, idx[:, None], -mine.to(g.dtype)[:, None])
+        return g * (grad / logits.shape[0]), None, None, None
 
 
-def _row_max(logits: torch.Tensor) -> torch.Tensor:
-    """Row maxima; -inf for a worker that owns no classes."""
-    if logits.shape[1] == 0:
-        return logits.new_full((logits.shape[0],), float("-inf"))
-    return logits.max(dim=1).values
+def sharded_loss_and_errors(logits: torch.Tensor, targets: torch.Tensor, offset: int,
+                            comm: Comm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (differentiable) and the count of top-1 errors over
+    class-sharded ``logits``: the same values on every worker, from one all-gather."""
+    return _ShardedCrossEntropy.apply(logits, targets, offset, comm)
 
 
 def sharded_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
     """Mean cross-entropy over class-sharded ``logits`` (same value on every worker)."""
-    return _ShardedCrossEntropy.apply(logits, targets, offset, comm)
-
-
-def sharded_errors(logits: torch.Tensor, targets: torch.Tensor, offset: int, comm: Comm) -> torch.Tensor:
-    """Top-1 errors from class-sharded logits: local best, then the global best (tiny all-gather)."""
-    best = _row_max(logits)
-    arg = logits.argmax(dim=1) if logits.shape[1] else torch.zeros_like(targets)
-    both = torch.stack([best.float(), (arg + offset).float()], dim=1).contiguous()
-    out = both.new_empty(comm.size * both.numel())
-    comm.all_gather(out, both.flatten(), tag="metrics")
-    cand = out.view(comm.size, -1, 2)
-    winner = cand[:, :, 0].argmax(dim=0)
-    predicted = cand[winner, torch.arange(cand.shape[1]), 1].long()
-    return (predicted != targets).sum()
+    return sharded_loss_and_errors(logits, targets, offset, comm)[0]
