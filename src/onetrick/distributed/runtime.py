@@ -295,7 +295,7 @@ def _reason(failure) -> str:
 
 def _keep_traceback(err: ChildFailedError, cfg: TrainConfig) -> str:
     """Write every failed worker's traceback to RUN/error.log; say where, in a few words."""
-    if cfg.debug:
+    if cfg.debug or cfg.out is None:
         return ""
     out = Path(cfg.out)
     if not out.is_dir():
