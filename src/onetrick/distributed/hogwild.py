@@ -160,8 +160,6 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         except Exception as err:  # noqa: BLE001 - any training error: reported, the others carry on
             result["error"] = f"{type(err).__name__}: {err}"
             break
-        if strategy.nonfinite:  # --on-nan skip (stop raised in _one_step): counted, weights untouched
-            result["totals"].skipped += 1
         if after_step:
             after_step(step)
         maybe_crash(step + 1, index)
@@ -172,14 +170,16 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         if logging_now:
             now = time.monotonic()
             log.write({"kind": "train", "step": step + 1, "epoch": (step + 1) / per_epoch, "loss": seen["loss"],
-                       "train_error": seen["train_error"], "skipped_steps": seen["nonfinite_steps"],
+                       "train_error": seen["train_error"],
+                       "skipped_steps": result["totals"].skipped + seen["nonfinite_steps"],
                        "lr": cfg.lr * schedule_factor(cfg, step, total),
                        "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
                        "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
                        "layers": layer_stats(strategy.model, before)})
             bar.set_postfix(loss=f"{seen['loss']:.3f}", err=f"{seen['train_error']:.3f}")
             interval[:] = [now, 0]
-        if read_now:
+        if read_now:  # --on-nan skip (stop raised in _read_stats): counted, weights untouched
+            result["totals"].skipped += seen["nonfinite_steps"]
             stats.reset()
         if is_main and (step + 1) % cfg.eval_every == 0 and step + 1 < total:  # the final one is the caller's
             log.write({"kind": "test", "step": step + 1, "epoch": (step + 1) / per_epoch, **evaluate(strategy, data, cfg)})

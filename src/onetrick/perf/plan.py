@@ -116,11 +116,14 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
     auto_scheme = cfg.strategy == "hybrid" and cfg.scheme == "auto"
     if cfg.strategy != "auto" and not auto_scheme:
         return cfg
-    if under_torchrun():
-        raise ConfigError("--strategy auto and --scheme auto are planned by onetrick's own launcher; under torchrun "
-                          "name them (e.g. --strategy hybrid --scheme b)")
-    if cfg.device != "cpu":
-        raise ConfigError("--strategy auto and --scheme auto time layers on the CPU only; with --device cuda name them")
+    unplannable = ("under torchrun (each process would plan alone)" if under_torchrun()
+                   else "with --device cuda (layers are timed on the CPU)" if cfg.device != "cpu" else None)
+    if unplannable and auto_scheme:  # the hybrid's default: fall back to the paper's scheme, and say so
+        if os.environ.get("RANK", "0") == "0":
+            log(f"plan: hybrid/b: --scheme auto is not planned {unplannable}; using the paper's scheme b")
+        return cfg.replace(scheme="b")
+    if unplannable:
+        raise ConfigError(f"--strategy auto is not planned {unplannable}; name the strategy (e.g. --strategy hybrid)")
     if cfg.workers == 1:
         resolved = cfg.replace(strategy="single", scheme=None) if cfg.strategy == "auto" else cfg.replace(scheme="b")
         log(f"plan: {resolved.strategy}{'/b' if auto_scheme else ''}: one worker, nothing to plan")
