@@ -25,6 +25,11 @@ from onetrick.perf.runner import expand_jobs, resolve_link
 
 B, IMAGE = 8, 16
 VARIANTS = [v for v in STRATEGY_VARIANTS if v.strategy != "single"]
+# the hybrid with FC layers on the data-parallel side: cut 1 (fc7 + a row-wise classifier
+# model-parallel) and cut 2 (the classifier alone, split by classes)
+CUT_VARIANTS = [Variant("hybrid", None, "a", "full", 1), Variant("hybrid", None, "b", "full", 2),
+                Variant("hybrid", None, "c", "full", 1), Variant("hybrid", None, "b", "worker", 1),
+                Variant("hybrid", None, "c", "worker", 2)]
 
 
 def tiny() -> TrunkHeadNet:
@@ -39,7 +44,8 @@ def measured_bytes(rt, cfg, variants: list[Variant]) -> list[tuple[dict, dict]]:
     (by op) this worker's Comm counted."""
     out = []
     for v in variants:
-        changes = {"strategy": v.strategy, "sync": v.sync or "ddp", "scheme": v.scheme, "fc_batch": v.fc_batch}
+        changes = {"strategy": v.strategy, "sync": v.sync or "ddp", "scheme": v.scheme, "fc_batch": v.fc_batch,
+                   "cut": v.cut}
         strategy = parallelize(tiny(), cfg.replace(**changes), rt)
         g = torch.Generator().manual_seed(rt.rank)
         strategy.comm.take()
@@ -61,9 +67,9 @@ def run_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
 def test_simulated_bytes_and_collectives_equal_what_the_strategies_send():
     k = 2
     cfg = TrainConfig(workers=k, threads=1, timeout_s=60, dropout=0.0)
-    got = launch(measured_bytes, cfg, VARIANTS, nprocs=k)
+    got = launch(measured_bytes, cfg, VARIANTS + CUT_VARIANTS, nprocs=k)
     blocks = describe(tiny(), IMAGE)
-    for variant, res0, res1 in zip(VARIANTS, got[0], got[1]):
+    for variant, res0, res1 in zip(VARIANTS + CUT_VARIANTS, got[0], got[1]):
         want = predict(blocks, ZeroCosts(), variant, k, B)
         assert want.bytes == step_bytes(blocks, variant, k, B)
         for rank, (sent, ops) in enumerate((res0, res1)):
@@ -165,9 +171,10 @@ def test_predict_with_free_compute_is_the_collectives_fixed_costs_in_a_row():
         assert count >= r.blocking >= 1, variant.label
         assert r.step_s == pytest.approx(count * 1e-4) and r.exposed_s == pytest.approx(r.step_s), variant.label
         assert r.as_dict()["bytes_total"] == r.bytes_total == sum(r.bytes.values())
-    # scheme (b) at K=4: one broadcast and one reduce per round, the labels gathered once
+    # scheme (b) at K=4: one broadcast per round, one reduce-scatter of all rounds' activation
+    # gradients, the labels gathered once
     hyb = predict(blocks, ZeroCosts(), Variant("hybrid", scheme="b"), 4, B)
-    assert hyb.collectives["broadcast"] == 4 and hyb.collectives["reduce"] == 4
+    assert hyb.collectives["broadcast"] == 4 and "reduce" not in hyb.collectives
     # with compute, the next round's broadcast travels during this round's head: part is hidden
     slow_link = Link(gbps=0.05, latency_us=10.0)
     timed = predict(blocks, FlopCosts(blocks, 1e9, 1.0, 10.0), Variant("hybrid", scheme="b"), 4, B, slow_link)

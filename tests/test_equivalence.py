@@ -17,6 +17,13 @@ EXACT_SGD = [dict(strategy="model"), dict(strategy="data", sync="ddp"), dict(str
              dict(strategy="hybrid", scheme="b", hidden=NARROW), dict(strategy="hybrid", scheme="c", hidden=NARROW)]
 PER_ROUND = [dict(strategy="hybrid", scheme="b", fc_batch="worker"),
              dict(strategy="hybrid", scheme="c", fc_batch="worker")]
+# --cut: 1 leaves fc7 and a row-wise classifier model-parallel; 2 (the last) the classifier
+# alone, split by classes
+CUT_SGD = [dict(strategy="hybrid", scheme=s, cut=c) for c in (1, 2) for s in ("a", "b", "c")]
+CUT_ROUNDS = [dict(strategy="hybrid", scheme=s, fc_batch="worker", cut=c) for c in (1, 2) for s in ("b", "c")]
+# K=4: fc7's 30 neurons split 8/8/8/6, the 5 classes 2/2/1/0 (worker 3 holds none)
+CUT_K4 = [dict(strategy="hybrid", scheme="c", cut=1), dict(strategy="hybrid", scheme="b", cut=2),
+          dict(strategy="hybrid", scheme="b", fc_batch="worker", cut=1)]
 
 
 def assert_same_weights(got: dict, want: dict, what: str) -> None:
@@ -49,6 +56,23 @@ def test_hybrid_fc_batch_worker_equals_sequential_rounds(runs):
         want = reference_rounds(base_config(), changes["scheme"], STEPS, k, B)
         for rank in results:
             assert_same_weights(results[rank][len(EXACT_SGD) + j]["state"], want, f"{changes} K={k} rank {rank}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("k, cuts", [(2, CUT_SGD + CUT_ROUNDS), (4, CUT_K4)], ids=["K=2", "K=4"])
+def test_hybrid_with_a_cut_equals_one_worker_and_the_sequential_rounds(k, cuts):
+    """FC layers on the data-parallel side: --fc-batch full is SGD with batch K*B,
+    --fc-batch worker the sequential rounds with those layers updated with the trunk."""
+    results = launch(run_strategies, base_config(workers=k), cuts, STEPS, B, nprocs=k)
+    for i, changes in enumerate(cuts):
+        if changes.get("fc_batch") == "worker":
+            want = reference_rounds(base_config(), changes["scheme"], STEPS, k, B, changes["cut"])
+        else:
+            want, want_losses = reference_sgd(base_config(), STEPS, k, B)
+            assert results[0][i]["losses"] == pytest.approx(want_losses, rel=1e-4), changes
+        for rank in results:
+            assert_same_weights(results[rank][i]["state"], want, f"{changes} K={k} rank {rank}")
+            assert results[rank][i]["calls"] == results[0][i]["calls"], f"{changes} K={k} rank {rank}"
 
 
 # -- bytes: what each worker sends per step equals the analytic expectation ------------

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from cli_helpers import FAST, onetrick
-from test_equivalence import EXACT_SGD, PER_ROUND
+from test_equivalence import CUT_ROUNDS, CUT_SGD, EXACT_SGD, PER_ROUND
 from torch import nn
 
 from onetrick.config import ConfigError, TrainConfig
@@ -40,9 +40,10 @@ def test_100000_classes_get_the_classifier_only_cut(link):
     plan = make_plan(blocks, flop_costs(blocks), 8, 128, link)
     assert plan.choice.variant.strategy == "hybrid"
     assert plan.choice.variant.cut == 2          # all but the last Linear: the classifier alone is model-parallel
-    assert not plan.choice.runnable and "not yet runnable" in plan.reason
-    runnable = make_plan(blocks, flop_costs(blocks), 8, 128, link, runnable_only=True).choice
-    assert runnable.variant.cut == 0 and runnable.runnable
+    assert plan.choice.runnable and "runnable" not in plan.reason
+    assert make_plan(blocks, flop_costs(blocks), 8, 128, link, runnable_only=True).choice.variant == plan.choice.variant
+    v = plan.choice.variant                      # what --strategy auto would train: accepted
+    TrainConfig(workers=8, strategy=v.strategy, scheme=v.scheme, cut=v.cut, model="smallnet").validate()
     data = next(c for c in plan.candidates if c.variant.strategy == "data")
     assert data.result.bytes["weights"] > 20 * plan.choice.result.bytes["weights"]
 
@@ -73,22 +74,20 @@ def test_cut_moves_the_dp_side_and_the_crossing_activations():
 @pytest.mark.parametrize("fc_batch", ["full", "worker"])
 def test_every_runnable_plan_is_one_the_equivalence_tests_prove(k, fc_batch):
     blocks = model_blocks("smallnet", 10, 32)
-    proven = {tuple(sorted(d.items())) for d in EXACT_SGD + PER_ROUND}
+    proven = {tuple(sorted(d.items())) for d in EXACT_SGD + PER_ROUND + CUT_SGD + CUT_ROUNDS}
     for v, batch in candidate_variants(blocks, k, 8, fc_batch):
-        if v.cut:
-            continue
         run = {"strategy": v.strategy, **({"sync": v.sync} if v.sync else {}), **({"scheme": v.scheme} if v.scheme else {}),
-               **({"fc_batch": v.fc_batch} if v.fc_batch != "full" else {})}
+               **({"fc_batch": v.fc_batch} if v.fc_batch != "full" else {}), **({"cut": v.cut} if v.cut else {})}
         assert tuple(sorted(run.items())) in proven, v
         assert batch == (k * 8 if v.strategy == "model" else 8)   # model parallelism at the same K*B examples
 
 
 def test_cut_options_are_checked_in_one_line():
     TrainConfig(strategy="hybrid", workers=2, cut=0).validate()
+    TrainConfig(strategy="hybrid", workers=2, cut=2).validate()   # the classifier alone model-parallel: runs
     for cfg, msg in [(dict(strategy="hybrid", cut=3), "--cut 3 must be below the 3 fully-connected layers"),
                      (dict(strategy="hybrid", cut=-1), "--cut must be at least 0"),
-                     (dict(strategy="data", cut=1), "--cut 1 needs --strategy hybrid"),
-                     (dict(strategy="hybrid", cut=2), "--cut 2 is planned but not yet runnable")]:
+                     (dict(strategy="data", cut=1), "--cut 1 needs --strategy hybrid")]:
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(workers=2, **cfg).validate()
 
@@ -117,7 +116,6 @@ def test_plan_json_schema_and_table():
     (["plan", "--model", "vgg"], "unknown model 'vgg'"),
     (["plan", "--link-mbps", "fast"], "--link-mbps expects a number or 'measured'"),
     (["plan", "--workers", "0"], "--workers and --batch must be at least 1"),
-    (["train", "--workers", "2", "--strategy", "hybrid", "--cut", "1"], "--cut 1 is planned but not yet runnable"),
     (["train", "--workers", "2", "--strategy", "hybrid", "--cut", "7"], "--cut 7 must be below the 3"),
 ])
 def test_bad_plan_and_cut_input_is_one_line(args, msg):

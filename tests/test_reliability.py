@@ -58,6 +58,29 @@ def test_hybrid_checkpoint_at_k4_resumes_at_k2_and_k1_with_the_same_next_loss(tm
     assert len(list((k4 / "checkpoints" / "step_00000004").glob("*.distcp"))) == 4
 
 
+@pytest.mark.timeout(500)
+def test_hybrid_checkpoint_at_cut1_reshards_to_cut0_and_single_with_the_same_next_loss(tmp_path):
+    """A checkpoint written with fc6 data-parallel (--cut 1) holds the plain model's names:
+    the paper's cut (fc6 sharded by neurons) and one process resume it exactly."""
+    import shutil
+
+    cut1 = tmp_path / "cut1"
+    first = onetrick("train", "--workers", "2", "--strategy", "hybrid", "--scheme", "b", "--cut", "1", "--batch", "8",
+                     "--out", cut1, *RESHARD, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    want = _losses(cut1)[5]
+    resumes = {"cut0-hybrid": ["--workers", "2", "--strategy", "hybrid", "--scheme", "c", "--batch", "8"],
+               "k1-single": ["--batch", "16"]}
+    for name, args in resumes.items():
+        run = tmp_path / name
+        src = cut1 / "checkpoints" / "step_00000004"
+        shutil.copytree(src, run / "checkpoints" / src.name)
+        result = onetrick("train", *args, "--out", run, "--resume", *RESHARD, timeout=300)
+        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+        assert _losses(run)[5] == pytest.approx(want, rel=1e-5), name
+    assert set(exported_weights(cut1)) == set(exported_weights(tmp_path / "k1-single"))   # the plain model's names
+
+
 @pytest.mark.timeout(200)
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
     result = onetrick("train", "--lr", "1e6", "--steps", "30", "--ckpt-every", "1", "--out", tmp_path, *FAST)

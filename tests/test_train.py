@@ -133,3 +133,14 @@ def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
                            text=True, timeout=200, env=env)
     assert wrong.returncode != 0
     assert "--workers 3 does not match the 2 processes torchrun started" in wrong.stderr
+
+
+@pytest.mark.timeout(400)
+def test_hybrid_with_a_cut_trains_the_default_network(tmp_path):
+    """--cut 1: fc6 data-parallel with the trunk, fc7 and the classifier sharded; real accuracy."""
+    result = onetrick("train", "--workers", "2", "--strategy", "hybrid", "--cut", "1", "--epochs", "3", "--batch", "16",
+                      "--out", tmp_path, *FAST, timeout=380)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["top1_error"] < 0.10, summary["top1_error"]
+    assert summary["config"]["cut"] == 1

@@ -83,21 +83,27 @@ def round_rows(scheme: str, k: int, b: int) -> list[torch.Tensor]:
     return [torch.cat([torch.arange(r * b + j * c, r * b + (j + 1) * c) for r in range(k)]) for j in range(k)]
 
 
-def reference_rounds(cfg: TrainConfig, scheme: str, steps: int, k: int, b: int) -> dict:
+def reference_rounds(cfg: TrainConfig, scheme: str, steps: int, k: int, b: int, cut: int = 0) -> dict:
     """The hybrid with --fc-batch worker, written sequentially (issue #5): conv forward
-    on all K*B examples; per round FC forward/backward on its B examples, keep the
-    activation gradient, FC update; then conv backward with the collected gradients
-    (each round's counting 1/K: the mean over K*B) and one conv update."""
+    (and the first ``cut`` FC layers) on all K*B examples; per round FC forward/backward
+    of the rest on its B examples, keep the activation gradient, FC update; then backward
+    of the data-parallel side with the collected gradients (each round's counting 1/K:
+    the mean over K*B) and one update of it."""
+    from onetrick.recipe import make_sgd, param_groups
+
     model = tiny_model()
-    trunk_opt = model_sgd(model.trunk, cfg, cfg.lr, prefix="trunk.")
-    head_opt = model_sgd(model.head, cfg, cfg.lr, prefix="head.")
+    at = [i for i, layer in enumerate(model.head) if isinstance(layer, nn.Linear)][cut]
+    data_side = [("trunk." + n, p) for n, p in model.trunk.named_parameters()]
+    data_side += [("head." + n, p) for n, p in model.head[:at].named_parameters()]
+    trunk_opt = make_sgd(param_groups(data_side, cfg, cfg.lr), cfg)
+    head_opt = make_sgd(param_groups([("head." + n, p) for n, p in model.head[at:].named_parameters()], cfg, cfg.lr), cfg)
     for x, y in global_batches(steps, k, b):
-        feats = model.features(x)
+        feats = model.head[:at](model.features(x))
         detached = feats.detach()
         grad = torch.zeros_like(detached)
         for rows in round_rows(scheme, k, b):
             a = detached[rows].clone().requires_grad_()
-            F.cross_entropy(model.head(a), y[rows]).backward()
+            F.cross_entropy(model.head[at:](a), y[rows]).backward()
             grad[rows] = a.grad / k
             head_opt.step()
             head_opt.zero_grad()

@@ -15,10 +15,6 @@ from pathlib import Path
 STRATEGIES = ("single", "data", "model", "hybrid", "hogwild", "paramserver", "auto")
 DATA_PARALLEL_SYNCS = ("ddp", "sharded")
 SCHEMES = ("a", "b", "c", "auto")
-#: whether the strategies run a hybrid with FC layers on the data-parallel side of the
-#: cut (``--cut N > 0``). The planner models such plans already; the one place that lifts
-#: the refusal is this flag.
-CUT_RUNNABLE = False
 FC_BATCHES = ("full", "worker")
 LR_SCALES = ("none", "linear", "sqrt")
 SCHEDULES = ("step", "const", "linear", "exp")
@@ -141,7 +137,7 @@ class TrainConfig:
         if self.scheme is not None:
             _check(self.strategy == "hybrid", f"--scheme {self.scheme} needs --strategy hybrid (got --strategy {self.strategy})")
             _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b, c or auto")
-        self._validate_cut()
+        self._validate_cut(builtin)
         if self.fc_batch == "worker":
             _check(self.strategy in ("hybrid", "auto"), "--fc-batch worker needs --strategy hybrid (or auto)")
             _check(self.scheme != "a", "--fc-batch worker needs --scheme b or c: scheme a runs the FC layers once on all K*B examples")
@@ -161,11 +157,13 @@ class TrainConfig:
             _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
         return self
 
-    def _validate_cut(self) -> None:
+    def _validate_cut(self, builtin: bool) -> None:
         if self.cut == 0:
             return
         _check(self.cut > 0, f"--cut must be at least 0 (got {self.cut})")
         _check(self.strategy in ("hybrid", "auto"), f"--cut {self.cut} needs --strategy hybrid (got --strategy {self.strategy})")
+        if not builtin:  # the user's own head: distributed.cut.split_at_cut checks it
+            return
         import torch
         from torch import nn
 
@@ -176,7 +174,6 @@ class TrainConfig:
         linear = sum(isinstance(m, nn.Linear) for m in head)
         _check(self.cut < linear, f"--cut {self.cut} must be below the {linear} fully-connected layers of {self.model} "
                                   f"(0..{linear - 1}; {linear} would be data parallelism: --strategy data)")
-        _check(CUT_RUNNABLE or self.strategy == "auto", f"--cut {self.cut} is planned but not yet runnable")
 
     @property
     def data_parallel_degree(self) -> int:

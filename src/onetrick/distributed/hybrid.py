@@ -19,6 +19,11 @@ after every round, K times per step, at the one-worker learning rate, "as though
 have a small batch size" for ~90% of the weights. The trunk's gradients are then those
 of the mean loss over all K*B examples (each round's activation gradients count 1/K).
 
+``--cut N`` moves the cut: the first N FC layers of the head run with the trunk, on each
+worker's own examples, their weights synchronised with the trunk's, and the activations
+at the cut are what the schemes move (:mod:`onetrick.distributed.cut`; N=0 is the paper's
+cut, before fc6). Below, "trunk" means the data-parallel side of the cut.
+
 Trunk gradients are synchronised with the paper's sharded update (reduce-scatter, owner
 applies SGD, all-gather; :class:`~onetrick.distributed.data_parallel.ShardedDataParallel`).
 """
@@ -28,6 +33,7 @@ import torch
 
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
+from .cut import split_at_cut
 from .data_parallel import ShardedDataParallel
 from .model_parallel import ShardedHeadStrategy
 from .runtime import Runtime
@@ -39,7 +45,9 @@ class Hybrid(ShardedHeadStrategy):
     name = "hybrid"
 
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
-        super().__init__(model, cfg, rt)
+        # From here on self.model.trunk is the data-parallel side of the cut (trunk and the
+        # first cfg.cut FC layers) and self.model.head the model-parallel rest.
+        super().__init__(split_at_cut(model, cfg.cut), cfg, rt)
         self.scheme = cfg.scheme or "b"
         self.per_round = cfg.fc_batch == "worker"
         # (K*B, B): the head keeps the one-worker rate; the trunk follows --lr-scale.
@@ -127,23 +135,21 @@ class Hybrid(ShardedHeadStrategy):
         return every.view(self.comm.size, len(images), -1)[self.comm.rank]
 
     # -- state ------------------------------------------------------------------------
+    # The data-parallel side's names are the whole model's (DataSide): "trunk.…", and
+    # "head.<i>.…" for FC layers before the cut.
     def state_dict(self) -> dict:
-        trunk_w = {"trunk." + k: v for k, v in self.model.trunk.state_dict().items()}
-        trunk_m = {"trunk." + k: v for k, v in self.trunk_sync.momentum_state().items()}
+        trunk_w = dict(self.model.trunk.state_dict())
+        trunk_m = self.trunk_sync.momentum_state()
         head_w, head_m = self.head_state(self.head_opt)
         self.comm.take()
         return {"model": {**trunk_w, **head_w}, "momentum": {**trunk_m, **head_m}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.trunk.load_state_dict(_trunk_entries(state["model"]))
-        self.trunk_sync.load_momentum_state(_trunk_entries(state["momentum"]))
+        model = state["model"]
+        self.model.trunk.load_state_dict({k: model[k] for k in self.model.trunk.state_dict()})
+        self.trunk_sync.load_momentum_state(state["momentum"])
         self.load_head_state(state["model"], state["momentum"], self.head_opt)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        trunk = {"trunk." + k: v.detach().clone() for k, v in self.model.trunk.state_dict().items()}
+        trunk = {k: v.detach().clone() for k, v in self.model.trunk.state_dict().items()}
         return {**trunk, **self.dense_head_state()}
-
-
-def _trunk_entries(state: dict) -> dict:
-    """The entries of a whole-model state under `trunk.`, with that prefix removed."""
-    return {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}

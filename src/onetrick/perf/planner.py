@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ..config import CUT_RUNNABLE
 from .blocks import Block, describe
 from .costmodel import Link, StepResult, Variant, images_per_step, predict
 from .costs import CostProvider, MeasuredCosts
@@ -44,8 +43,9 @@ class Candidate:
 
     @property
     def runnable(self) -> bool:
-        """Whether ``onetrick train`` can run it today (cut plans wait for the strategies)."""
-        return self.variant.cut == 0 or CUT_RUNNABLE
+        """Whether ``onetrick train`` can run it: every candidate, the hybrid's cut plans
+        included (the field stays in the rows their readers know)."""
+        return True
 
     @property
     def label(self) -> str:
@@ -146,8 +146,6 @@ def explain(choice: Candidate, candidates: list[Candidate], blocks: list[Block])
                       _linear_index(blocks, i) >= choice.variant.cut)
         why = (f"the model-parallel layers hold {sharded / weights:.0%} of the weights; moving activations instead "
                f"costs {mb:.1f} MB per worker")
-    if not choice.runnable:
-        why += " (planned: --cut > 0 is not yet runnable)"
     return f"{line}; {why}"
 
 

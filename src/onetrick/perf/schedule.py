@@ -147,21 +147,34 @@ class Schedule:
             if on_grad_ready:
                 on_grad_ready(i)
 
+    @property
+    def row_wise(self) -> bool:
+        """Whether ShardedHead splits the classifier by inputs (at most as many classes as
+        inputs, and a hidden layer before it on the model-parallel side)."""
+        fin, classes = self.blocks[self.head[-1]].linear
+        return len(self.head) > 1 and classes <= fin
+
     def head_sharded(self, w: WorkerClock, rows: int) -> None:
-        """ShardedHead forward and backward on ``rows`` full-input rows, with the
-        sharded cross-entropy and error count, every collective synchronous."""
-        k = self.k
+        """ShardedHead forward and backward on ``rows`` full-input rows, with its loss and
+        error count, every collective synchronous: an all-gather (forward) and a
+        reduce-scatter (backward) between hidden layers; then either the row-wise
+        classifier's one all-reduce of the partial logits (loss local), or a class-sharded
+        classifier and the sharded loss's one all-gather of four floats per row and worker."""
+        k, row, last = self.k, self.row_wise, len(self.head) - 1
         for n, j in enumerate(self.head):
-            if n:
+            gathered = n and not (row and n == last)   # the row-wise classifier takes its own slice
+            if gathered:
                 w.coll(HEAD_TAG, "all_gather", k * rows * self.width(self.head[n - 1], True) * FLOAT)
+            # the row-wise classifier's ceil(in/K) x out multiply-adds are costed as in x ceil(out/K)
             w.compute(self.costs.head(j, rows, self.width(j, True))[0])
-        w.coll(HEAD_TAG, "all_reduce", rows * FLOAT)           # row max
-        w.coll(HEAD_TAG, "all_reduce", 2 * rows * FLOAT)       # row sum, target logit
-        w.coll("metrics", "all_gather", k * rows * 2 * FLOAT)       # top-1 errors
+        if row:
+            w.coll(HEAD_TAG, "all_reduce", rows * self.width(self.head[-1], False) * FLOAT)
+        else:
+            w.coll(HEAD_TAG, "all_gather", k * rows * 4 * FLOAT)
         for n in reversed(range(len(self.head))):
             j = self.head[n]
             w.compute(self.costs.head(j, rows, self.width(j, True))[1])
-            if n:
+            if n and not (row and n == last):
                 w.coll(HEAD_TAG, "reduce_scatter", k * rows * self.width(self.head[n - 1], True) * FLOAT)
 
 
@@ -268,20 +281,16 @@ def _hybrid(plan: Schedule, w: WorkerClock, B: int, scheme: str, per_round: bool
     else:
         if scheme == "c":
             w.coll(ACT_TAG, "all_to_all", B * Fdim * FLOAT)
-            w.coll("labels", "all_to_all", B * LABEL)
         w.coll("labels", "all_gather", k * B * LABEL)
         inflight = {0: w.coll(ACT_TAG, "broadcast", B * Fdim * FLOAT, async_op=True)}
-        reductions = []
         for j in range(k):
             if j + 1 < k:
                 inflight[j + 1] = w.coll(ACT_TAG, "broadcast", B * Fdim * FLOAT, async_op=True)
             w.wait(inflight.pop(j))
             plan.head_sharded(w, B)
-            reductions.append(w.coll(ACT_TAG, "reduce", B * Fdim * FLOAT, async_op=True))
             if per_round:
                 w.compute(costs.update(head_share))
-        for done in reductions:
-            w.wait(done)
+        w.coll(ACT_TAG, "reduce_scatter", k * B * Fdim * FLOAT)   # every round's activation gradients at once
         if scheme == "c":
             w.coll(ACT_TAG, "all_to_all", B * Fdim * FLOAT)
     _trunk_sync_sharded(plan, w, B, trunk_params, lambda ready: plan.trunk_backward(w, B, ready),
