@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -40,14 +41,23 @@ def maybe_crash(step: int, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def weights_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+Named = Iterable[tuple[str, torch.Tensor]]
 
 
-def layer_stats(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+def _named(weights: torch.nn.Module | Named) -> Named:
+    return weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
+
+
+def weights_copy(weights: torch.nn.Module | Named) -> dict[str, torch.Tensor]:
+    """A copy of ``weights`` (a module, or ``(name, tensor)`` pairs such as
+    :meth:`Strategy.named_weights`), for :func:`layer_stats`."""
+    return {n: p.detach().float().clone() for n, p in _named(weights)}
+
+
+def layer_stats(weights: torch.nn.Module | Named, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """cuda-convnet2's per-layer log: |w| (RMS) and |dw|/|w| for the last update."""
     out = {}
-    for name, p in model.named_parameters():
+    for name, p in _named(weights):
         if name.endswith("weight") and name in before:
             w = p.detach().float()
             rms = w.pow(2).mean().sqrt().item()

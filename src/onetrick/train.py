@@ -107,7 +107,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
     while step < total:
         _, images, targets = next(batches)
         logging_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
-        before = weights_copy(strategy.model) if logging_now and rt.is_main else {}
+        before = weights_copy(strategy.named_weights()) if logging_now and rt.is_main else {}
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
         step_start = time.perf_counter()
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
@@ -131,7 +131,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
                                   interval_images / (now - interval_start))
             record["skipped_steps"] = totals.skipped
             if rt.is_main:
-                record["layers"] = layer_stats(strategy.model, before)
+                record["layers"] = layer_stats(strategy.named_weights(), before)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", err=f"{record['train_error']:.3f}")
             interval_start, interval_images = now, 0

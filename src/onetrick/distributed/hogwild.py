@@ -152,7 +152,7 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
             before_step(step)
         read_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
         logging_now = is_main and read_now
-        before = weights_copy(strategy.model) if logging_now else {}
+        before = weights_copy(strategy.named_weights()) if logging_now else {}
         try:
             out = _one_step(cfg, strategy, batches, step, index)
             stats.add(out, step)
@@ -175,7 +175,7 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
                        "lr": cfg.lr * schedule_factor(cfg, step, total),
                        "images_per_s": interval[1] / (now - interval[0]), "bytes": comm["bytes"],
                        "bytes_total": comm["bytes_total"], "comm_wait_s": comm["comm_wait_s"],
-                       "layers": layer_stats(strategy.model, before)})
+                       "layers": layer_stats(strategy.named_weights(), before)})
             bar.set_postfix(loss=f"{seen['loss']:.3f}", err=f"{seen['train_error']:.3f}")
             interval[:] = [now, 0]
         if read_now:  # --on-nan skip (stop raised in _read_stats): counted, weights untouched

@@ -134,6 +134,9 @@ class Hybrid(ShardedHeadStrategy):
         every = self.full_logits(self.head(gather_rows(self.model.features(images), self.comm)))
         return every.view(self.comm.size, len(images), -1)[self.comm.rank]
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.trunk.named_parameters()) + self.head_params   # DataSide: the whole model's names
+
     # -- state ------------------------------------------------------------------------
     # The data-parallel side's names are the whole model's (DataSide): "trunk.…", and
     # "head.<i>.…" for FC layers before the cut.

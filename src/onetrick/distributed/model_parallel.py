@@ -38,6 +38,9 @@ class ShardedHeadStrategy(Strategy):
         self.model.head = self.head  # the dense copy is dropped: only the shard is kept
         self.head_params = [("head." + self.head.local_to_dense()[n], p) for n, p in self.head.named_parameters()]
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [("trunk." + n, p) for n, p in self.model.trunk.named_parameters()] + self.head_params
+
     def head_optimizer(self, lr: float) -> torch.optim.SGD:
         return make_sgd(param_groups(self.head_params, self.cfg, lr), self.cfg)
 

@@ -129,6 +129,11 @@ class Strategy:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """This worker's parameters under the whole model's names (for per-layer logs;
+        a sharded layer gives this worker's shard)."""
+        return list(self.model.named_parameters())
+
     def set_training(self, mode: bool) -> None:
         self.model.train(mode)
 
