@@ -69,11 +69,10 @@ from ..source import Source
 from ..worker import setup, steps_per_epoch, total_steps
 from .comm import Comm
 from .data_parallel import _Bucket
-from .hogwild import (
+from .asynchronous import (
     async_summary,
     local_config,
     raise_if_failed,
-    refuse_unsupported,
     run_meta,
     worker_loop,
 )
@@ -90,7 +89,6 @@ def train_paramserver(cfg: TrainConfig, source: Source | None = None) -> dict:
     Raises :class:`WorkerFailure` (after writing summary.json) if a worker failed, and
     RuntimeError if a pushed gradient was not applied exactly once.
     """
-    refuse_unsupported(cfg)
     if cfg.device != "cpu":
         raise ConfigError("--strategy paramserver runs on the CPU (its servers talk gloo point-to-point); use --device cpu")
     results = launch(_process, cfg, source, nprocs=cfg.workers + cfg.servers)
