@@ -117,3 +117,50 @@ def test_resume_with_another_layout_is_refused_in_one_line(tmp_path, strategy, c
         {"model": "smallnet", "strategy": "hogwild", "workers": 2, "servers": 1, "step": 4, "ranks": []}))
     with pytest.raises(CheckpointError, match=f"written by {said}; an asynchronous run resumes only with the same"):
         train(config(tmp_path, strategy=strategy, steps=8, resume=True, **change))
+
+
+@pytest.mark.timeout(300)
+def test_parameter_server_resumed_after_a_kill_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """K=1, S=2, fetch and push every step: deterministic, so the resumed run must end on
+    the uninterrupted run's weights exactly (servers' shards and momentum, the worker's
+    copy, versions and RNG all restored). The worker is SIGKILLed after step 6; the last
+    checkpoint is step 4."""
+    whole = config(tmp_path / "whole", strategy="paramserver", workers=1, servers=2, steps=10, ckpt_every=4)
+    train(whole)
+    monkeypatch.setenv("ONETRICK_CRASH_AT", "6:0")
+    with pytest.raises(WorkerFailure, match=r"Signal 9 \(SIGKILL\)"):
+        train(whole.replace(out=tmp_path / "cut", steps=8))
+    monkeypatch.delenv("ONETRICK_CRASH_AT")
+    at = checkpoint.read_meta(checkpoint.candidates(tmp_path / "cut")[0])
+    assert at["step"] == 4 and at["ranks"][0]["steps"] == 4 and at["ranks"][1]["version"] == 4
+    assert saved(checkpoint.candidates(tmp_path / "cut")[0])["server1"]["momentum"].abs().sum() > 0
+    summary = train(whole.replace(out=tmp_path / "cut", resume=True))
+    assert summary["resumed_from_step"] == 4 and summary["attempts"] == 2 and summary["worker_steps"] == [10]
+    assert summary["gradients_pushed"] == summary["gradients_applied"] == 10 * 2
+    got, want = saved(checkpoint.candidates(tmp_path / "cut")[0]), saved(checkpoint.candidates(tmp_path / "whole")[0])
+    for name in want["model"]:
+        assert torch.equal(got["model"][name], want["model"][name]), name
+    for s in ("server0", "server1"):
+        assert torch.equal(got[s]["momentum"], want[s]["momentum"]), s
+    assert_each_step_once(tmp_path / "cut", 10)
+
+
+@pytest.mark.timeout(300)
+def test_parameter_server_worker_killed_then_resumed_continues_staleness(tmp_path, monkeypatch):
+    """K=2, S=1, push every 2 steps: worker 1 SIGKILLed after step 6 stops the job;
+    --resume continues from step 4 with every worker's and server's counters."""
+    cfg = config(tmp_path, strategy="paramserver", steps=10, ckpt_every=4, fetch_every=2, push_every=2)
+    monkeypatch.setenv("ONETRICK_CRASH_AT", "6:1")
+    with pytest.raises(WorkerFailure, match=r"Signal 9 \(SIGKILL\)"):
+        train(cfg)
+    monkeypatch.delenv("ONETRICK_CRASH_AT")
+    meta = checkpoint.read_meta(checkpoint.candidates(tmp_path)[0])
+    assert meta["step"] == 4 and [r["steps"] for r in meta["ranks"][:2]] == [4, 4]
+    assert sum(r["pushed"] for r in meta["ranks"][:2]) == meta["ranks"][2]["version"] == 4  # a consistent cut
+    summary = train(cfg.replace(steps=14, resume=True))
+    assert summary["resumed_from_step"] == 4 and summary["attempts"] == 2
+    assert summary["worker_steps"] == [14, 14] and summary["steps"] == 14
+    assert summary["gradients_pushed"] == summary["gradients_applied"] == 2 * 7  # the whole run's pushes
+    assert summary["staleness_max"] >= meta["ranks"][2]["staleness_max"]
+    assert_each_step_once(tmp_path, 14)
+    assert [r["step"] for r in records(tmp_path) if r["kind"] == "test"] == [14]
