@@ -34,10 +34,20 @@ its mean and maximum, ``gradients_pushed`` (one per push and server) and
 ``gradients_applied`` (summed over servers); they must be equal, and
 :func:`train_paramserver` raises if not.
 
-End: a server stops after K DONE messages and sends its final slice to rank 0, which
-evaluates the final weights; every rank gathers the counters, rank 0 writes
-summary.json and all save a checkpoint of the final weights (rank 0's; momentum stays on
-the servers, so ``--resume`` is refused).
+Checkpoints (ps_checkpoint.py), a consistent cut: before its step s (s a multiple of
+``--ckpt-every``, not the step resumed from) a worker waits for its last push to be
+taken, sends CKPT to every server and joins the checkpoint; a server, handling headers in
+order, joins once every worker still training has sent CKPT (so every gradient pushed
+before the cut is applied, none after it). Every process then saves its part together:
+the servers' shards, momentum, versions and staleness sums; each worker's weights copy,
+unpushed accumulation, fetched versions, pushes, counters and RNG. A worker that failed
+joins the later checkpoints when the first server tells it to. ``--resume`` (and an
+elastic restart, ``--max-restarts``) loads all of it: with K=1 a resumed run is
+bit-identical to an uninterrupted one; staleness and pushed/applied counts cover the run.
+
+End: a server stops after K DONE messages; every rank gathers the counters, all save the
+final checkpoint (rank 0 takes the servers' final slices for its ``model``), rank 0
+evaluates those weights and writes summary.json.
 
 Failures, what is guaranteed: an exception in a worker's training (data, a non-finite
 loss with ``--on-nan stop``, the ``ONETRICK_ASYNC_FAIL_AT`` hook) ends that worker's
