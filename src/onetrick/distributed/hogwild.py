@@ -58,7 +58,7 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from .. import checkpoint, rundir
+from .. import rundir
 from ..config import ConfigError, TrainConfig
 from ..data import DataBundle, build_data
 from ..evaluate import evaluate
