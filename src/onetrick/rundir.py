@@ -33,6 +33,7 @@ from .worker import total_steps_of
 RUNS = Path("runs")
 LATEST = "latest"
 RUN_FILE = "run.json"
+ASYNC = ("hogwild", "paramserver")
 HOLDS_RUN = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE)
 # what --overwrite removes: the files above, their half-written forms, and export's default output
 OWN_FILES = (*HOLDS_RUN, "metrics.jsonl.tmp", "summary.json.tmp", "run.json.tmp", "model.pt", "tensorboard", "error.log")
@@ -94,12 +95,34 @@ def _check_resume(out: Path, cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume given but run directory {out} does not exist")
     checkpoint.check_compatible(out, cfg.model)
     meta = checkpoint.latest_meta(out)
+    _check_async_layout(out, meta, cfg)
     if "train_examples" not in meta:  # a checkpoint from before this check: the worker stops at once instead
         return
     total = total_steps_of(meta["train_examples"], cfg)
     if total <= meta["step"]:
         raise CheckpointError(f"--resume: the run in {out} is at step {meta['step']} and this one would stop at "
                               f"step {total}; ask for more --steps or --epochs")
+
+
+def _check_async_layout(out: Path, meta: dict, cfg: TrainConfig) -> None:
+    """An asynchronous run's checkpoint holds one momentum per worker (Hogwild) or per
+    server (parameter server): it resumes only with the same strategy and process counts,
+    and a synchronous checkpoint does not resume as an asynchronous run."""
+    strategies = {meta.get("strategy"), cfg.strategy}
+    if not strategies & set(ASYNC):
+        return
+    same = meta.get("strategy") == cfg.strategy and meta.get("workers") == cfg.workers
+    if cfg.strategy == "paramserver":
+        same = same and meta.get("servers") == cfg.servers
+    was = f"--strategy {meta.get('strategy')} --workers {meta.get('workers')}"
+    if cfg.strategy == "paramserver" or meta.get("strategy") == "paramserver":
+        was += f" --servers {meta.get('servers')}"
+    if not same:
+        raise CheckpointError(f"--resume: the checkpoint in {out} was written by {was}; "
+                              "an asynchronous run resumes only with the same strategy and process counts")
+    if "ranks" not in meta:
+        raise CheckpointError(f"--resume: the checkpoint in {out} holds no {cfg.strategy} state "
+                              "(written before asynchronous runs could resume)")
 
 
 def _fresh_default() -> Path:

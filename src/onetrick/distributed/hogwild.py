@@ -15,11 +15,25 @@ parameter server).
 The parent process builds the model, starts the workers and watches them: a worker that
 raises or dies (even by SIGKILL) does not stop the others, which run to the end; the
 parent then evaluates the shared weights, writes the last test line, ``summary.json``
-(``failed_workers`` lists the failures) and a checkpoint of the final weights (for
-``onetrick eval``/``export``/``plot``), and raises :class:`WorkerFailure` if any worker
-failed. Worker 0 writes the train lines and a test line every ``eval_every`` of its
-steps (on the shared weights as they are then). Momentum lives in the workers and is not
-checkpointed, so ``--resume`` is refused. Nothing crosses a network: bytes per step are 0.
+(``failed_workers`` lists the failures) and a final checkpoint, and raises
+:class:`WorkerFailure` if any worker failed. Worker 0 writes the train lines and a test
+line every ``eval_every`` of its steps (on the shared weights as they are then). Nothing
+crosses a network: bytes per step are 0.
+
+Checkpoints and resume. Each worker's momentum buffers live in shared memory too (the
+parent allocates them and the worker's SGD updates them in place), next to a shared
+table of every worker's counters (steps done, images, skipped steps): see
+``async_state.Board``. Every ``--ckpt-every`` steps of worker 0 (and at the end) the
+parent writes a checkpoint of a consistent cut: worker 0 asks for it, every live worker
+pauses at its next step boundary (a worker that finished or died counts as paused, with
+its state as it left it), the parent saves the shared weights (``model``), each
+worker's momentum (``momentum/worker<i>``) and the counters (meta.json's ``ranks``,
+written last), then releases them. ``--resume`` (also after the launcher itself died)
+loads all of it and every worker continues from its own step, at its own position in
+its data shard. Hogwild's interleaving is not deterministic, so a resumed run is
+equivalent to an uninterrupted one, not bit-identical; a resumed worker also starts a
+fresh augmentation/dropout stream (seeded from its step). A resume needs the same
+``--workers``.
 
 Also here, because the parameter server's workers run the same loop: :func:`worker_loop`
 (one asynchronous worker's steps, logging and periodic test error) and
@@ -36,7 +50,6 @@ import gc
 import os
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
@@ -45,7 +58,7 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from .. import checkpoint, rundir
+from .. import rundir
 from ..config import ConfigError, TrainConfig
 from ..data import DataBundle, build_data
 from ..evaluate import evaluate
@@ -54,12 +67,13 @@ from ..recipe import schedule_factor, set_lr
 from ..records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, weights_copy
 from ..source import Source
 from ..worker import setup, steps_per_epoch, total_steps, train_batches
+from .async_state import DONE, Board, Saver, attempt_totals, load_latest
 from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
 from .strategy import SingleStrategy, StepOutput, StepStats, Strategy
 
 DELAY_ENV = "ONETRICK_ASYNC_DELAY_MS"
 FAIL_ENV = "ONETRICK_ASYNC_FAIL_AT"
-POLL_S = 0.2          # how often the parent looks for finished or dead workers
+POLL_S = 0.05         # how often the parent looks for finished or dead workers and checkpoint requests
 JOIN_S = 10.0         # how long a finished worker may take to exit before it is terminated
 
 
@@ -83,18 +97,10 @@ def local_config(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(strategy="single", workers=1)
 
 
-def refuse_unsupported(cfg: TrainConfig) -> None:
-    """Asynchronous strategies keep momentum in the processes that apply the updates and
-    do not checkpoint it, so a run cannot be resumed."""
-    if cfg.resume:
-        raise ConfigError(f"--resume is not supported with --strategy {cfg.strategy}: "
-                          "its momentum lives in the training processes and is not checkpointed")
-
-
 def run_meta(cfg: TrainConfig, data: DataBundle) -> dict:
     """A checkpoint's meta.json (the run id from the run.json worker 0 wrote at the start)."""
-    return {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "num_classes": data.num_classes,
-            "run_id": rundir.run_id(cfg.out), "train_examples": len(data.train)}
+    return {"model": cfg.model, "strategy": cfg.strategy, "workers": cfg.workers, "servers": cfg.servers,
+            "num_classes": data.num_classes, "run_id": rundir.run_id(cfg.out), "train_examples": len(data.train)}
 
 
 # -- one asynchronous worker ------------------------------------------------------------
@@ -126,28 +132,33 @@ def _read_stats(cfg: TrainConfig, stats: StepStats, index: int) -> dict:
 
 
 def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: int, log: RunLog,
-                before_step=None, after_step=None) -> dict:
-    """Run asynchronous worker ``index``'s ``total_steps``; return its :class:`Totals`,
-    start and end times and error.
+                before_step=None, after_step=None, start: int = 0, totals: Totals | None = None,
+                counted=None) -> dict:
+    """Run asynchronous worker ``index``'s steps ``start..total_steps-1``; return its
+    :class:`Totals` (continuing ``totals``, the counters so far, when resumed), start and
+    end times and error.
 
     ``strategy`` is the worker's local learner: ``train_step`` computes the gradient of
     one batch and hands it to its optimizer (a real SGD step for Hogwild, an accumulator
     for the parameter server). ``before_step(step)`` / ``after_step(step)`` do the
     strategy's communication. An exception from the data or the step itself ends the
     loop and is returned as ``error`` (so the caller can tell the others); exceptions
-    from the communication hooks propagate. Worker 0 writes train lines, a test line
-    every ``eval_every`` steps and the progress bar.
+    from the communication hooks propagate. ``counted(steps_done, totals)`` runs once a
+    step is counted (Hogwild publishes its progress there). Worker 0 writes train lines,
+    a test line every ``eval_every`` steps and the progress bar. A fresh worker seeds its
+    augmentation/dropout stream; a resumed one keeps the RNG state its caller set.
     """
     total, per_epoch, is_main = total_steps(data, cfg), steps_per_epoch(data, cfg), index == 0
-    torch.manual_seed(cfg.seed * 1000 + index + 1)  # as train_worker: one augmentation/dropout stream per shard
-    batches = train_batches(data, cfg, DataShard(index, cfg.workers), 0)
-    bar = tqdm(total=total, disable=not (cfg.progress and is_main), desc=f"train ({cfg.strategy})", unit="step",
+    if start == 0:
+        torch.manual_seed(cfg.seed * 1000 + index + 1)  # as train_worker: one augmentation/dropout stream per shard
+    batches = train_batches(data, cfg, DataShard(index, cfg.workers), start)  # resumed: the shard's position
+    bar = tqdm(total=total, initial=start, disable=not (cfg.progress and is_main), desc=f"train ({cfg.strategy})", unit="step",
                mininterval=1.0, dynamic_ncols=True)
-    result = {"index": index, "error": None, "start": time.monotonic(), "totals": Totals()}
+    result = {"index": index, "error": None, "start": time.monotonic(), "totals": totals or Totals()}
     interval = [result["start"], 0]  # start time and images of the current logging interval
     stats = StepStats(strategy.rt.device)  # summed on the device, read every --log-every steps
     strategy.set_training(True)
-    for step in range(total):
+    for step in range(start, total):
         if before_step:
             before_step(step)
         read_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
@@ -162,7 +173,6 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
             break
         if after_step:
             after_step(step)
-        maybe_crash(step + 1, index)
         comm = strategy.comm.take()
         result["totals"].add(out.count, comm)
         interval[1] += out.count
@@ -181,6 +191,9 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
         if read_now:  # --on-nan skip (stop raised in _read_stats): counted, weights untouched
             result["totals"].skipped += seen["nonfinite_steps"]
             stats.reset()
+        if counted:
+            counted(step + 1, result["totals"])
+        maybe_crash(step + 1, index)
         if is_main and (step + 1) % cfg.eval_every == 0 and step + 1 < total:  # the final one is the caller's
             log.write({"kind": "test", "step": step + 1, "epoch": (step + 1) / per_epoch, **evaluate(strategy, data, cfg)})
             strategy.set_training(True)
@@ -189,9 +202,10 @@ def worker_loop(cfg: TrainConfig, data: DataBundle, strategy: Strategy, index: i
     return result
 
 
-def _merged(parts: list[Totals]) -> Totals:
-    """All workers' totals as one; comm wait averaged, so its fraction is per worker."""
-    merged = Totals()
+def _merged(parts: list[Totals], prior: dict) -> Totals:
+    """All workers' totals as one, after the earlier attempts' ``prior`` wall time and
+    count; comm wait averaged, so its fraction is per worker."""
+    merged = Totals(prior)
     for t in parts:
         merged.add(t.images, {"comm_wait_s": t.comm_wait_s / len(parts), "bytes": t.bytes, "calls": t.calls})
     merged.steps = sum(t.steps for t in parts)
@@ -199,21 +213,23 @@ def _merged(parts: list[Totals]) -> Totals:
     return merged
 
 
-def async_summary(cfg: TrainConfig, test: dict, workers: list[dict], lost: list[str], extra: dict) -> dict:
+def async_summary(cfg: TrainConfig, test: dict, workers: list[dict], lost: list[str], extra: dict,
+                  prior: dict | None = None) -> dict:
     """summary.json of an asynchronous run, with the synchronous loop's keys.
 
     ``workers``: what ``worker_loop`` returned, for the workers that returned; ``lost``:
     one line per worker that returned nothing. ``steps`` is the longest worker's step
     count, ``worker_steps`` each one's; ``wall_s`` runs from the first worker's start to
     the last one's end; ``images_per_s`` counts every worker's images; bytes are those a
-    worker sends per step of its own, averaged over workers.
+    worker sends per step of its own, averaged over workers. ``prior``
+    (``async_state.attempt_totals``): the earlier attempts' wall time and count.
     """
     wall = max((w["end"] for w in workers), default=0.0) - min((w["start"] for w in workers), default=0.0)
     steps = [w["totals"].steps for w in workers]
     return {
         "top1_error": test.get("top1_error"), "top5_error": test.get("top5_error"),
         "steps": max(steps, default=0), "worker_steps": steps,
-        **_merged([w["totals"] for w in workers]).summary(wall),
+        **_merged([w["totals"] for w in workers], prior or {}).summary(wall),
         **extra,
         "failed_workers": [f"worker {w['index']}: {w['error']}" for w in workers if w["error"]] + lost,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
@@ -227,28 +243,32 @@ def raise_if_failed(summary: dict, cfg: TrainConfig) -> None:
                             + f"; the other workers finished, summary in {cfg.out}")
 
 
-# -- Hogwild -------------------------------------------------------------------------------
+# -- the workers -----------------------------------------------------------------------------
 def _hogwild_worker(index: int, cfg: TrainConfig, shared: list, queue, source: Source | None = None) -> None:
-    """Body of worker process ``index``: train on the shared model (``shared``'s one
-    element), put the counters (or the setup error) on ``queue``.
+    """Body of worker process ``index``: train on the shared model with the shared
+    momentum and counters (``shared`` holds the model and the :class:`Board`), put the
+    result (or the setup error) on ``queue``.
 
     The model comes in a list that this worker empties: the Process object keeps its
     arguments until exit, and a CUDA tensor received from the parent must be freed here
     first, or the parent warns "Producer process has been terminated before all shared
     CUDA tensors released" (CUDA IPC counts the consumers' references)."""
-    model = shared.pop()
+    model, board = shared.pop(), shared.pop()
     try:
-        result = _hogwild_train(index, cfg, model, source)
+        result = _hogwild_train(index, cfg, model, board, source)
     except Exception as err:  # noqa: BLE001 - reported by the parent as this worker's failure
         result = {"index": index, "fatal": f"{type(err).__name__}: {err}"}
-    del model
+    finally:
+        board.counters[index, DONE] = 1  # a checkpoint need not wait for this worker any more
+    del model, board
     gc.collect()  # the strategy's hooks and optimizer form cycles that hold the shared tensors
     if cfg.device == "cuda":
         torch.cuda.synchronize()
     queue.put(result)
 
 
-def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source: Source | None = None) -> dict:
+def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, board: Board,
+                   source: Source | None = None) -> dict:
     torch.set_num_threads(_threads(cfg, cfg.workers))
     data = source.data if source is not None else build_data(
         cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
@@ -256,12 +276,29 @@ def _hogwild_train(index: int, cfg: TrainConfig, model: torch.nn.Module, source:
     device = torch.device(cfg.device)
     rt = Runtime(rank=index, world=cfg.workers, local_rank=index, device=device, mesh=None)
     strategy = SingleStrategy(model, local_config(cfg), rt)  # its own momentum, the shared weights
+    for name, p in strategy.model.named_parameters():  # SGD updates a buffer it finds in place
+        strategy.optimizer.state[p]["momentum_buffer"] = board.momentum[index][name]
     total = total_steps(data, cfg)
+    start, images, skipped = board.ranks()[index].values()
+    if start:  # resumed: a fresh augmentation/dropout stream, not the one the first attempt used
+        torch.manual_seed((cfg.seed * 1000 + index + 1) * 100_003 + start)
+    totals = Totals({"steps": start, "images": images, "skipped_steps": skipped})
     log = RunLog(cfg.out, index == 0, attach=True, tensorboard=cfg.tensorboard)  # the parent started the file
-    return worker_loop(cfg, data, strategy, index, log,
-                       before_step=lambda step: set_lr(strategy.optimizers(), schedule_factor(cfg, step, total)))
+
+    def before_step(step: int) -> None:
+        if index == 0 and step > start and step % cfg.ckpt_every == 0:
+            board.request()
+        board.pause_if_asked(index)
+        set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
+
+    def counted(done: int, totals: Totals) -> None:
+        board.publish(index, done, totals.images, totals.skipped)
+
+    return worker_loop(cfg, data, strategy, index, log, before_step=before_step, start=start, totals=totals,
+                       counted=counted)
 
 
+# -- the parent -------------------------------------------------------------------------------
 def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return f"killed by signal {-code}"
@@ -278,11 +315,13 @@ def _drain(queue, results: dict[int, dict]) -> None:
         results[msg["index"]] = msg
 
 
-def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
-    """Wait for every worker's result or death, whichever comes; never blocks on a dead one."""
+def _collect(procs: list, queue, tick) -> tuple[dict[int, dict], dict[int, str]]:
+    """Wait for every worker's result or death, whichever comes; never blocks on a dead
+    one. ``tick()`` runs at every poll (the checkpoints)."""
     results: dict[int, dict] = {}
     lost: dict[int, str] = {}
     while len(results) + len(lost) < len(procs):
+        tick()
         try:
             msg = queue.get(timeout=POLL_S)
             results[msg["index"]] = msg
@@ -300,15 +339,16 @@ def _collect(procs: list, queue) -> tuple[dict[int, dict], dict[int, str]]:
     return results, lost
 
 
-def _run_workers(cfg: TrainConfig, model: torch.nn.Module, source: Source | None) -> tuple[list[dict], list[str]]:
+def _run_workers(cfg: TrainConfig, model: torch.nn.Module, board: Board, saver: Saver,
+                 source: Source | None) -> tuple[list[dict], list[str]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, [model], queue, source), name=f"hogwild-{i}")
+    procs = [ctx.Process(target=_hogwild_worker, args=(i, cfg, [board, model], queue, source), name=f"hogwild-{i}")
              for i in range(cfg.workers)]
     for p in procs:
         p.start()
     try:
-        results, lost = _collect(procs, queue)
+        results, lost = _collect(procs, queue, lambda: saver.tick(procs))
     finally:
         for p in procs:  # finished workers exit at once; anything else is stopped
             p.join(timeout=JOIN_S)
@@ -320,29 +360,37 @@ def _run_workers(cfg: TrainConfig, model: torch.nn.Module, source: Source | None
     return [results[i] for i in sorted(results)], [lost[i] for i in sorted(lost)]
 
 
+def _resume(cfg: TrainConfig, model: torch.nn.Module, board: Board) -> tuple[int, dict]:
+    """``--resume`` (rundir checked the worker count): the shared weights, every worker's
+    momentum and counters, in place."""
+    step, meta = load_latest(cfg, board.state(model))
+    board.restore(meta["ranks"])
+    return step, meta
+
+
 def train_hogwild(cfg: TrainConfig, source: Source | None = None) -> dict:
     """Train with ``cfg.workers`` Hogwild processes on shared weights; return the summary.
 
     Raises :class:`WorkerFailure` (after writing summary.json) if a worker raised or died.
     """
-    refuse_unsupported(cfg)
     if under_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--strategy hogwild shares memory on one machine: start it with onetrick train, not torchrun")
     torch.set_num_threads(_threads(cfg, 1))
     rt = Runtime(rank=0, world=1, local_rank=0, device=torch.device(cfg.device), mesh=None)
     data, strategy = setup(rt, local_config(cfg), source)
+    rundir.begin(cfg, fresh=not cfg.resume)
+    board = Board(strategy.model, cfg.workers)
+    resumed_at, meta = _resume(cfg, strategy.model, board) if cfg.resume else (None, None)
     strategy.model.share_memory()  # the workers' SGD steps write into these very tensors
-    rundir.begin(cfg, fresh=True)
-    log = RunLog(cfg.out, True)
-    workers, lost = _run_workers(cfg, strategy.model, source)
+    log = RunLog(cfg.out, True, resumed_at=resumed_at)
+    prior = attempt_totals(meta)
+    saver = Saver(cfg, run_meta(cfg, data), strategy.model, board, prior)
+    workers, lost = _run_workers(cfg, strategy.model, board, saver, source)
     test = evaluate(strategy, data, cfg)
     steps = max((w["totals"].steps for w in workers), default=0)
     log.write({"kind": "test", "step": steps, "epoch": steps / steps_per_epoch(data, cfg), **test})
-    summary = async_summary(cfg, test, workers, lost, extra={})
+    summary = async_summary(cfg, test, workers, lost, extra={"resumed_from_step": resumed_at}, prior=prior)
     log.summary(cfg.out, summary)
-    # the final weights, for eval/export/plot; momentum stays with the workers (zeros here)
-    with warnings.catch_warnings():  # DCP warns that it saves from one process: it does, on purpose
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        checkpoint.save(cfg.out, steps, strategy.state_dict(), run_meta(cfg, data))
+    saver.save(max(r["steps"] for r in board.ranks()))  # the final state, dead workers' included
     raise_if_failed(summary, cfg)
     return summary

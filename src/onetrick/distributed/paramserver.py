@@ -34,10 +34,20 @@ its mean and maximum, ``gradients_pushed`` (one per push and server) and
 ``gradients_applied`` (summed over servers); they must be equal, and
 :func:`train_paramserver` raises if not.
 
-End: a server stops after K DONE messages and sends its final slice to rank 0, which
-evaluates the final weights; every rank gathers the counters, rank 0 writes
-summary.json and all save a checkpoint of the final weights (rank 0's; momentum stays on
-the servers, so ``--resume`` is refused).
+Checkpoints (ps_checkpoint.py), a consistent cut: before its step s (s a multiple of
+``--ckpt-every``, not the step resumed from) a worker waits for its last push to be
+taken, sends CKPT to every server and joins the checkpoint; a server, handling headers in
+order, joins once every worker still training has sent CKPT (so every gradient pushed
+before the cut is applied, none after it). Every process then saves its part together:
+the servers' shards, momentum, versions and staleness sums; each worker's weights copy,
+unpushed accumulation, fetched versions, pushes, counters and RNG. A worker that failed
+joins the later checkpoints when the first server tells it to. ``--resume`` (and an
+elastic restart, ``--max-restarts``) loads all of it: with K=1 a resumed run is
+bit-identical to an uninterrupted one; staleness and pushed/applied counts cover the run.
+
+End: a server stops after K DONE messages; every rank gathers the counters, all save the
+final checkpoint (rank 0 takes the servers' final slices for its ``model``), rank 0
+evaluates those weights and writes summary.json.
 
 Failures, what is guaranteed: an exception in a worker's training (data, a non-finite
 loss with ``--on-nan stop``, the ``ONETRICK_ASYNC_FAIL_AT`` hook) ends that worker's
@@ -59,29 +69,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import checkpoint, rundir
+from .. import rundir
 from ..config import ConfigError, TrainConfig
 from ..data import DataBundle
 from ..evaluate import evaluate
 from ..recipe import make_sgd, param_groups, schedule_factor, set_lr
-from ..records import RunLog
+from ..records import RunLog, Totals, restart_count
 from ..source import Source
 from ..worker import setup, steps_per_epoch, total_steps
+from .async_state import attempt_totals, load_latest, resuming
 from .comm import Comm
 from .data_parallel import _Bucket
 from .hogwild import (
     async_summary,
     local_config,
     raise_if_failed,
-    refuse_unsupported,
-    run_meta,
     worker_loop,
 )
+from .ps_checkpoint import NOTICE, Checkpointer
 from .runtime import Runtime, launch
 from .strategy import Strategy
 
-PUSH, FETCH, DONE = 1, 2, 3
-CONTROL, GRADIENT, REPLY, WEIGHTS, FINAL = 1, 2, 3, 4, 5   # message channels (torch's integer tags)
+PUSH, FETCH, DONE, CKPT = 1, 2, 3, 4
+CONTROL, GRADIENT, REPLY, WEIGHTS = 1, 2, 3, 4   # message channels (torch's integer tags; ps_checkpoint has 5, 6)
 
 
 def train_paramserver(cfg: TrainConfig, source: Source | None = None) -> dict:
@@ -90,7 +100,6 @@ def train_paramserver(cfg: TrainConfig, source: Source | None = None) -> dict:
     Raises :class:`WorkerFailure` (after writing summary.json) if a worker failed, and
     RuntimeError if a pushed gradient was not applied exactly once.
     """
-    refuse_unsupported(cfg)
     if cfg.device != "cpu":
         raise ConfigError("--strategy paramserver runs on the CPU (its servers talk gloo point-to-point); use --device cpu")
     results = launch(_process, cfg, source, nprocs=cfg.workers + cfg.servers)
@@ -110,19 +119,25 @@ def _process(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dic
     is_server = rt.rank >= cfg.workers
     bucket = _Bucket(list(strategy.model.named_parameters()), cfg.servers, rt.rank - cfg.workers if is_server else 0)
     if rt.is_main:
-        rundir.begin(cfg, fresh=True)
-    log = RunLog(cfg.out, rt.is_main, tensorboard=cfg.tensorboard)
+        rundir.begin(cfg, fresh=not cfg.resume and restart_count() == 0)
+    dist.barrier()  # run.json before anyone looks for this run's checkpoints
+    total = total_steps(data, cfg)
+    role = _Server(cfg, strategy.comm, bucket, total) if is_server else _Client(cfg, strategy.comm, bucket, total)
+    resumed_at, meta = None, None
+    if resuming(cfg):  # every process its own part: a server its shard and momentum, a worker its copy
+        resumed_at, meta = load_latest(cfg, role.state(rt.rank))
+        role.restore(meta["ranks"][rt.rank])
+    ckpt = Checkpointer(rt, cfg, data, strategy.model, bucket, role, attempt_totals(meta))
+    log = RunLog(cfg.out, rt.is_main, resumed_at=resumed_at, tensorboard=cfg.tensorboard)
     if is_server:
-        server = _Server(cfg, strategy.comm, bucket, total_steps(data, cfg))
-        mine = server.serve()
-        strategy.comm.send(bucket.shard, 0, tag="final", channel=FINAL)
+        mine = role.serve(ckpt)
     else:
-        client = _Client(cfg, strategy.comm, bucket, total_steps(data, cfg))
         strategy.optimizer = _Accumulate(bucket)  # the update happens on the servers
-        mine = worker_loop(cfg, data, strategy, rt.rank, log, before_step=client.maybe_fetch,
-                           after_step=client.maybe_push)
-        mine.update(client.finish(failed=mine["error"] is not None))
-    return _conclude(rt, cfg, data, strategy, bucket, log, mine)
+        mine = worker_loop(cfg, data, strategy, rt.rank, log, before_step=lambda step: role.before(step, ckpt),
+                           after_step=role.maybe_push, start=role.totals.steps, totals=role.totals)
+        mine.update(role.finish(failed=mine["error"] is not None, ckpt=ckpt))
+    mine["resumed_from_step"] = resumed_at
+    return _conclude(rt, cfg, data, strategy, bucket, log, mine, ckpt)
 
 
 class _Accumulate(torch.optim.Optimizer):
@@ -161,6 +176,33 @@ class _Client:
         self.versions = [0] * cfg.servers                # of the weights held: initial weights are version 0
         self.in_flight: list = []                        # (tensor, work) of the last push: keeps both alive
         self.pushed = 0
+        self.totals = Totals()                           # worker_loop's counters (restored on resume)
+        self.start = 0                                   # the step this attempt starts at
+
+    # -- checkpoints: this worker's copy of the weights, its accumulation, its counters ----
+    def state(self, rank: int) -> dict:
+        return {f"worker{rank}": {"weights": self.bucket.flat, "accumulated": self.bucket.grad}}
+
+    def counters(self) -> dict:
+        return {"steps": self.totals.steps, "images": self.totals.images, "skipped_steps": self.totals.skipped,
+                "versions": self.versions, "pushed": self.pushed}
+
+    def restore(self, saved: dict) -> None:
+        self.totals = Totals({"steps": saved["steps"], "images": saved["images"],
+                              "skipped_steps": saved["skipped_steps"]})
+        self.versions, self.pushed = list(saved["versions"]), saved["pushed"]
+        self.start = saved["steps"]
+
+    def before(self, step: int, ckpt: Checkpointer) -> None:
+        """Before step ``step``: every ``--ckpt-every`` steps (but not at the step resumed
+        from) the checkpoint, once the servers have applied all this worker pushed; then
+        the fetch."""
+        if step % self.cfg.ckpt_every == 0 and step > self.start:
+            self._settle()
+            for dst in self.servers:
+                self.comm.send(_header(CKPT, 0, step), dst, tag="control", channel=CONTROL)
+            ckpt.save(step)
+        self.maybe_fetch(step)
 
     def maybe_fetch(self, step: int) -> None:
         """Every ``fetch_every`` steps: every server's slice, straight into the model's weights."""
@@ -196,11 +238,19 @@ class _Client:
                                (grad, self.comm.isend(grad, dst, tag="weights", channel=GRADIENT))]
             self.pushed += 1
 
-    def finish(self, failed: bool) -> dict:
-        """After the last push has been taken: DONE to every server."""
+    def finish(self, failed: bool, ckpt: Checkpointer) -> dict:
+        """After the last push has been taken: DONE to every server. A worker that failed
+        still takes its part in the checkpoints the others write (the first server says
+        when, and when there are no more)."""
         self._settle()
         for dst in self.servers:
             self.comm.send(_header(DONE, int(failed)), dst, tag="control", channel=CONTROL)
+        notice = torch.zeros(1, dtype=torch.int64)
+        while failed:
+            self.comm.recv(notice, self.cfg.workers, tag="control", channel=NOTICE)
+            if notice.item() < 0:
+                break
+            ckpt.save(int(notice.item()))
         return {"role": "worker", "pushed": self.pushed}
 
 
@@ -211,15 +261,33 @@ class _Server:
         self.cfg, self.comm, self.bucket, self.total = cfg, comm, bucket, total
         named = [(o.name, o.view) for o in bucket.owned]
         self.optimizer = make_sgd(param_groups(named, cfg, cfg.lr), cfg)
+        self.momentum = torch.zeros_like(bucket.shard)  # one flat buffer, checkpointed whole
         for o in bucket.owned:
             o.view.grad = o.grad  # pushes are received into grad_shard, which these views cover
+            at = o.view.storage_offset() - bucket.shard.storage_offset()
+            # SGD updates a buffer it finds in place: from zeros, the same as the one it would create
+            self.optimizer.state[o.view]["momentum_buffer"] = self.momentum[at:at + o.view.numel()].view_as(o.view)
         self.version = 0
         self.staleness_sum = self.staleness_max = 0
+        self.first = comm.rank == cfg.workers  # the first server tells failed workers of checkpoints
 
-    def serve(self) -> dict:
-        """Handle headers in arrival order until every worker has said DONE."""
+    # -- checkpoints: this server's shard, its momentum, its counters ------------------------
+    def state(self, rank: int) -> dict:
+        return {f"server{rank - self.cfg.workers}": {"shard": self.bucket.shard, "momentum": self.momentum}}
+
+    def counters(self) -> dict:
+        return {"version": self.version, "staleness_sum": self.staleness_sum, "staleness_max": self.staleness_max}
+
+    def restore(self, saved: dict) -> None:
+        self.version, self.staleness_sum, self.staleness_max = (
+            saved["version"], saved["staleness_sum"], saved["staleness_max"])
+
+    def serve(self, ckpt: Checkpointer) -> dict:
+        """Handle headers in arrival order until every worker has said DONE; checkpoint
+        once every worker still training has asked (CKPT) at the same step."""
         header = torch.zeros(3, dtype=torch.int64)
-        done = 0
+        done = asked = 0
+        failed: list[int] = []
         while done < self.cfg.workers:
             src = self.comm.recv(header, None, tag="control", channel=CONTROL)
             kind, version, step = header.tolist()
@@ -227,8 +295,16 @@ class _Server:
                 self._apply(src, version, step)
             elif kind == FETCH:
                 self._reply(src)
+            elif kind == CKPT:
+                asked += 1
             else:
-                done += 1  # the failure flag (version field) is reported by the worker itself
+                done += 1
+                failed += [src] if version else []  # the failure itself is reported by the worker
+            if asked and asked + done == self.cfg.workers:
+                self._notify(failed, step)
+                ckpt.save(step)
+                asked = 0
+        self._notify(failed, -1)
         sent = self.comm.take()["bytes"]
         return {"role": "server", "applied": self.version, "staleness_sum": self.staleness_sum,
                 "staleness_max": self.staleness_max, "fetch_bytes": sent.get("weights", 0)}
@@ -242,34 +318,37 @@ class _Server:
         self.optimizer.step()
         self.version += 1
 
+    def _notify(self, failed: list[int], step: int) -> None:
+        """The failed workers join checkpoint ``step`` (-1: there are no more)."""
+        for dst in failed if self.first else []:
+            self.comm.send(torch.tensor([step], dtype=torch.int64), dst, tag="control", channel=NOTICE)
+
     def _reply(self, src: int) -> None:
         self.comm.send(torch.tensor([self.version], dtype=torch.int64), src, tag="control", channel=REPLY)
         self.comm.send(self.bucket.shard, src, tag="weights", channel=WEIGHTS)
 
 
 def _conclude(rt: Runtime, cfg: TrainConfig, data: DataBundle, strategy: Strategy, bucket: _Bucket,
-              log: RunLog, mine: dict) -> dict:
-    """Every rank: rank 0 takes the final weights and evaluates them, the counters are
-    gathered, rank 0 writes summary.json, all save the checkpoint, all return the summary."""
-    if rt.rank == 0:
-        for s in range(cfg.servers):
-            strategy.comm.recv(_part(bucket, bucket.flat, s), cfg.workers + s, tag="final", channel=FINAL)
+              log: RunLog, mine: dict, ckpt: Checkpointer) -> dict:
+    """Every rank: the counters are gathered, all save the final checkpoint (rank 0 takes
+    the servers' final weights for it), rank 0 evaluates them and writes summary.json,
+    all return the summary."""
     everyone: list = [None] * rt.world
     dist.all_gather_object(everyone, mine)
+    ckpt.save(max(m["totals"].steps for m in everyone if m["role"] == "worker"))
     summary = [None]
     if rt.rank == 0:
+        bucket.flat.copy_(ckpt.weights)  # the servers' final weights
         test = evaluate(strategy, data, cfg)
-        summary[0] = _summary(cfg, test, everyone)
+        summary[0] = _summary(cfg, test, everyone, ckpt.prior)
         steps = summary[0]["steps"]
         log.write({"kind": "test", "step": steps, "epoch": steps / steps_per_epoch(data, cfg), **test})
         log.summary(cfg.out, summary[0])
     dist.broadcast_object_list(summary, src=0)
-    state = strategy.state_dict() if rt.rank == 0 else {}  # rank 0 alone holds the final weights
-    checkpoint.save(cfg.out, summary[0]["steps"], state, run_meta(cfg, data))
     return summary[0]
 
 
-def _summary(cfg: TrainConfig, test: dict, everyone: list[dict]) -> dict:
+def _summary(cfg: TrainConfig, test: dict, everyone: list[dict], prior: dict) -> dict:
     workers = [m for m in everyone if m["role"] == "worker"]
     servers = [m for m in everyone if m["role"] == "server"]
     applied = sum(s["applied"] for s in servers)
@@ -280,5 +359,6 @@ def _summary(cfg: TrainConfig, test: dict, everyone: list[dict]) -> dict:
         "staleness_max": max(s["staleness_max"] for s in servers),
         "gradients_pushed": sum(w["pushed"] for w in workers), "gradients_applied": applied,
         "fetch_bytes_per_step": sum(s["fetch_bytes"] for s in servers) / worker_steps,
+        "resumed_from_step": everyone[0]["resumed_from_step"],
     }
-    return async_summary(cfg, test, workers, [], extra)
+    return async_summary(cfg, test, workers, [], extra, prior)
