@@ -19,6 +19,9 @@ the median over steps is reported. Per row:
   ``activations``: last-conv activations and FC activations or their gradients,
   ``other``: labels and metrics), as counted by the strategy's ``Comm`` (mean over
   workers and steps);
+* ``collectives/step``: the collectives (and point-to-point calls) rank 0's ``Comm``
+  counted in a measured step (median over steps), each a point where the workers meet;
+  the JSON's ``collectives`` breaks them down by ``"tag/op"`` (mean over steps);
 * ``comm est ms`` = bytes per worker per step / the link bandwidth *measured* by the
   first multi-worker job before its warm-up (a point-to-point ``torch.distributed`` send
   of up to 64 MB from rank 0 to rank 1; the same job times a tiny all-reduce and
@@ -329,6 +332,8 @@ def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
             "bytes_other": sum(v for t, v in sent.items() if t != "weights" and "activations" not in t),
             "bytes_total": sum(sent.values()),
             "comm_wait_ms": statistics.mean(r["comm_wait_s"] for r in ranks) * 1e3,
+            "collectives_per_step": statistics.median(r0.get("calls_total") or [0]),
+            "collectives": r0.get("calls", {}),
             "foreign_cores": _foreign(ranks)}
 
 

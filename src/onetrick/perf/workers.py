@@ -74,7 +74,7 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
         strategy.train_step(*batches[i % 2])
     barrier()
     strategy.comm.take()
-    step_s, local_s, plain_s, waits, sent = [], [], [], [], []
+    step_s, local_s, plain_s, waits, sent, calls = [], [], [], [], [], []
     busy0, cpu0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     for i in range(job["steps"]):
         x, y = batches[i % 2]
@@ -92,12 +92,15 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
         local_s.append(t1 - t0)
         waits.append(snap["comm_wait_s"])
         sent.append(snap["bytes"])
+        calls.append(snap["calls"])
     busy1, cpu1, wall1 = machine_busy_s(), time.process_time(), time.perf_counter()
     tags = sorted({t for s in sent for t in s})
     return {"rank": rt.rank, "step_s": step_s, "local_s": local_s, "plain_s": plain_s,
             "window_s": wall1 - wall0, "cpu_s": cpu1 - cpu0, "machine_busy_s": busy1 - busy0,
             "comm_wait_s": statistics.mean(waits) if waits else 0.0,
             "bytes": {t: statistics.mean(s.get(t, 0) for s in sent) for t in tags},
+            "calls_total": [sum(c.values()) for c in calls],
+            "calls": {op: statistics.mean(c.get(op, 0) for c in calls) for op in sorted({o for c in calls for o in c})},
             "threads": torch.get_num_threads(), "link": link}
 
 
