@@ -41,27 +41,32 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
 
     data = build_data(cfg.data, cfg.image_size)
     torch.manual_seed(cfg.seed)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # as a plain GPU loop would run
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout)
     strategy = parallelize(model, cfg, rt)
     strategy.set_training(True)
-    batches = _batches(data, strategy.data_rank, strategy.data_world, cfg.batch)
+    batches = [(x.to(rt.device), y.to(rt.device))
+               for x, y in _batches(data, strategy.data_rank, strategy.data_world, cfg.batch)]
 
     plain = None
     if job.get("baseline"):
         torch.manual_seed(cfg.seed)
-        pmodel = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout).train()
+        pmodel = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout).to(rt.device).train()
         popt = torch.optim.SGD(pmodel.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-        def plain(x, y):
+        def plain(x, y):   # the plain loop at the same precision: autocast as the PyTorch docs write it
             popt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(pmodel(x), y)
+            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = F.cross_entropy(pmodel(x).float(), y)
             loss.backward()
             popt.step()
-            return float(loss.detach())
 
     def barrier():
         if rt.world > 1:
             dist.barrier()
+        elif rt.device.type == "cuda":   # a step's end is when the GPU finishes it
+            torch.cuda.synchronize()
 
     link = {}
     if job.get("link_probe") and rt.world > 1:   # ranks 0 and 1 measure the link first
@@ -79,12 +84,16 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
     for i in range(job["steps"]):
         x, y = batches[i % 2]
         if plain:
+            barrier()
             t0 = time.perf_counter()
             plain(x, y)
+            barrier()
             plain_s.append(time.perf_counter() - t0)
         barrier()
         t0 = time.perf_counter()
         strategy.train_step(x, y)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         snap = strategy.comm.take()
         barrier()
