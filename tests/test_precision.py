@@ -114,3 +114,47 @@ def test_precision_options_are_checked_before_any_worker_starts():
     with pytest.raises(ConfigError, match="apply to single, data, model and hybrid"):
         TrainConfig(strategy="hogwild", workers=2, precision="bf16").validate()
     TrainConfig(strategy="hybrid", workers=2, precision="bf16", comm_dtype="bf16").validate()
+
+
+# -- on a GPU (marked gpu: skipped without CUDA; scripts/gpu_check.sh runs them) ----------
+ONE_GPU = [dict(v, precision=p, comm_dtype=c) for p, c in (("fp32", "fp32"), ("bf16", "bf16")) for v in VARIANTS]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_every_synchronous_strategy_at_world_one_on_cuda_equals_the_cpu_reference():
+    """fp32 with TF32 off: within 0.1% of the CPU reference's update (kernels sum in other
+    orders); bf16: within the tolerance above. One worker of K*B rows: the same global
+    batches as the two-worker tests (at B=8 alone bf16's error is 5%: fewer rows average less)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        got = launch(run_strategies, base_config(workers=1, device="cuda"), ONE_GPU, STEPS, K * B, nprocs=1)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    for i, changes in enumerate(ONE_GPU):
+        hidden = changes.get("hidden", HIDDEN)
+        want, want_losses = reference_sgd(base_config(), STEPS, 1, K * B, hidden)
+        err = update_error(got[i]["state"], want, hidden)
+        assert err < (1e-3 if changes["precision"] == "fp32" else TOLERANCE), f"{changes}: update off by {err:.2%}"
+        assert got[i]["losses"] == pytest.approx(want_losses, rel=1e-3 if changes["precision"] == "fp32" else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_eval_export_on_cuda(tmp_path, precision):
+    from cli_helpers import FAST, onetrick
+
+    run = tmp_path / "run"
+    res = onetrick("train", "--device", "cuda", "--precision", precision, "--steps", "30", "--eval-every", "30",
+                   "--out", run, *FAST)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "test top-1 error" in res.stdout + res.stderr
+    res = onetrick("eval", run)
+    assert res.returncode == 0 and "error" in res.stdout, res.stderr[-2000:]
+    res = onetrick("export", run, "-o", tmp_path / "model.pt")
+    assert res.returncode == 0, res.stderr[-2000:]
+    from onetrick.export import full_state
+
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in full_state(run).values())
