@@ -68,7 +68,7 @@ from pathlib import Path
 from ..config import ConfigError, TrainConfig
 from .costmodel import variant_label
 from .report import fmt
-from .workers import bench_worker, link_worker, machine_info, matmul_gflops, wait_quiet
+from .workers import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
 
 __all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_bench"]
 
@@ -270,7 +270,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     load_before = os.getloadavg()
     result = {"command": None, "machine": machine_info(), "model": args.model, "image_size": image, "data": args.data,
               "batch": args.batch, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
-              "device": base.device, "gpu": _gpu_name(base.device),
+              "device": base.device, "gpu": gpu_name(base.device),
               "rounds": args.rounds,
               "cpu_gflops_per_worker": gflops, "paper_flop_per_byte": PAPER_FLOP_PER_BYTE,
               "link": {"shaped_mbps": mbps, "note": link_note,
@@ -338,15 +338,6 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     result["load_after"] = os.getloadavg()
     _finish(result)
     return result
-
-
-def _gpu_name(device: str) -> str | None:
-    """The GPU's name for a CUDA bench (None on the CPU)."""
-    if device != "cuda":
-        return None
-    import torch
-
-    return torch.cuda.get_device_name(0)
 
 
 def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 
-__all__ = ["bench_worker", "foreign_load", "link_worker", "machine_busy_s", "machine_info", "matmul_gflops",
+__all__ = ["bench_worker", "foreign_load", "gpu_name", "link_worker", "machine_busy_s", "machine_info", "matmul_gflops",
            "wait_quiet"]
 
 
@@ -212,6 +212,11 @@ def matmul_gflops(threads: int = 1, n: int = 2048, reps: int = 5) -> float:
         return 2 * n**3 / statistics.median(times) / 1e9
     finally:
         torch.set_num_threads(old)
+
+
+def gpu_name(device: str) -> str | None:
+    """The GPU's name for a CUDA bench (None on the CPU)."""
+    return torch.cuda.get_device_name(0) if device == "cuda" else None
 
 
 def machine_info() -> dict:
