@@ -102,6 +102,28 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
     # the simulator's bytes for the same configuration are the bytes the bench measured
     want = step_bytes(model_blocks("smallnet", 1000, 32), Variant("hybrid", scheme="b"), 2, 4)
     assert {t: int(n) for t, n in hyb["bytes"].items()} == want
+    # collectives per step: what the Comm counted, by tag/op, and what the cost model predicts
+    predicted = predict(model_blocks("smallnet", 1000, 32), ZeroCosts(), Variant("hybrid", scheme="b"), 2, 4)
+    assert hyb["collectives_per_step"] == sum(hyb["collectives"].values()) == sum(predicted.collectives.values())
+    assert rows["single"]["collectives_per_step"] == 0 and rows["single"]["collectives"] == {}
+
+
+@pytest.mark.timeout(200)
+def test_bench_bf16_rows_halve_the_bytes_on_the_wire(tmp_path):
+    out = tmp_path / "bf16"
+    res = run_cli("bench", "--model", "smallnet", "--workers", "1,2", "--batch", "4", "--steps", "1", "--warmup", "1",
+                  "--strategies", "single,data", "--precision", "fp32,bf16", "--comm-dtype", "fp32,bf16",
+                  "--out", str(out), timeout=190)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"single", "data/ddp", "data/ddp/bf16-wire", "single/bf16", "data/ddp/bf16",
+                         "data/ddp/bf16/bf16-wire"}
+    for p in ("", "/bf16"):
+        fp32, bf16 = rows[f"data/ddp{p}"]["bytes"], rows[f"data/ddp{p}/bf16-wire"]["bytes"]
+        assert bf16["weights"] == fp32["weights"] / 2 and bf16["metrics"] == fp32["metrics"]
+    assert rows["single/bf16"]["precision"] == "bf16" and rows["single/bf16"]["baseline"]["torch_loop_step_ms"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| torch loop (plain PyTorch)/bf16 | 1 |" in md and "Framework tax (one worker) (bf16)" in md
 
 
 @pytest.mark.timeout(60)

@@ -51,12 +51,13 @@ def run_strategies(rt, cfg, runs: list[dict], steps: int, b: int) -> dict:
         losses, bytes_, calls = [], [], []
         strategy.comm.take()
         for x, y in global_batches(steps, rt.world, b):
-            out = strategy.train_step(x[own], y[own])
+            out = strategy.train_step(x[own].to(rt.device), y[own].to(rt.device))
             losses.append(out.loss)
             sent = strategy.comm.take()
             bytes_.append(sent["bytes"])
             calls.append(sent["calls"])
-        results[i] = {"state": strategy.full_state_dict(), "losses": losses, "bytes": bytes_, "calls": calls}
+        state = {k: v.cpu() for k, v in strategy.full_state_dict().items()}
+        results[i] = {"state": state, "losses": losses, "bytes": bytes_, "calls": calls}
     return results
 
 

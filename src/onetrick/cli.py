@@ -15,6 +15,7 @@ from .config import (
     DEVICES,
     FC_BATCHES,
     LR_SCALES,
+    PRECISIONS,
     SCHEDULES,
     SCHEMES,
     STRATEGIES,
@@ -125,6 +126,10 @@ def add_train_parser(sub) -> None:
     g.add_argument("--fetch-every", type=int, default=D.fetch_every, help="paramserver: fetch weights every N steps")
     g.add_argument("--push-every", type=int, default=D.push_every, help="paramserver: push gradients every N steps")
     g.add_argument("--device", choices=DEVICES, default=D.device, help="cpu (gloo) or cuda (NCCL; worker i on GPU i)")
+    g.add_argument("--precision", choices=PRECISIONS, default=D.precision,
+                   help="bf16: autocast compute in bfloat16 (CUDA, and CPU); weights, optimizer state and the loss stay fp32")
+    g.add_argument("--comm-dtype", choices=PRECISIONS, default=D.comm_dtype,
+                   help="bf16: gradients, weights and activations cross the network in bfloat16 (half the bytes)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     g.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s, help="seconds before a stuck collective fails")
     g.add_argument("--max-restarts", type=int, default=D.max_restarts, help="restart the job this many times after a worker dies")

@@ -19,6 +19,7 @@ FC_BATCHES = ("full", "worker")
 LR_SCALES = ("none", "linear", "sqrt")
 SCHEDULES = ("step", "const", "linear", "exp")
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -59,6 +60,8 @@ class TrainConfig:
     fetch_every: int = 1
     push_every: int = 1
     device: str = "cpu"
+    precision: str = "fp32"                 # bf16: autocast compute; weights, optimizer state and losses fp32
+    comm_dtype: str = "fp32"                # bf16: gradients and activations cross the network in bf16
     threads: int | None = None              # CPU threads per worker; None: cores / workers
     timeout_s: float = 300.0                # every collective fails after this instead of hanging
     max_restarts: int = 0
@@ -126,6 +129,7 @@ class TrainConfig:
         _check(self.lr_scale in LR_SCALES, f"unknown --lr-scale {self.lr_scale!r}; choose none, linear or sqrt")
         _check(self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         _check(self.device in DEVICES, f"unknown --device {self.device!r}; choose cpu or cuda")
+        self._validate_precision()
         _check(self.fc_batch in FC_BATCHES, f"unknown --fc-batch {self.fc_batch!r}; choose full or worker")
         _check(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}; choose stop or skip")
         _check(self.eval_views in (1, 10), f"--eval-views must be 1 or 10 (got {self.eval_views})")
@@ -156,6 +160,22 @@ class TrainConfig:
         if self.resume and self.out is not None:
             _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
         return self
+
+    def _validate_precision(self) -> None:
+        _check(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose fp32 or bf16")
+        _check(self.comm_dtype in PRECISIONS, f"unknown --comm-dtype {self.comm_dtype!r}; choose fp32 or bf16")
+        if self.precision == self.comm_dtype == "fp32":
+            return
+        _check(self.strategy not in ("hogwild", "paramserver"),
+               f"--precision/--comm-dtype bf16 apply to single, data, model and hybrid (got --strategy {self.strategy})")
+        if self.precision == "bf16":
+            import torch
+
+            if self.device == "cuda":
+                _check(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(),
+                       "--precision bf16: this GPU does not support bfloat16")
+            else:
+                _check(torch.amp.is_autocast_available("cpu"), "--precision bf16: this torch has no CPU autocast")
 
     def _validate_cut(self, builtin: bool) -> None:
         if self.cut == 0:

@@ -17,6 +17,13 @@ send               n
 =================  ========================
 
 so the totals can be checked against the analytic expectation for a model (tests do).
+
+``wire_dtype`` (``--comm-dtype``) is the dtype on the network for the tags in
+:data:`WIRE_TAGS` (trunk gradients and weights, activations and their gradients): a
+floating tensor of another dtype is cast before the collective and cast back into the
+caller's tensor after it (after ``wait`` for an asynchronous one), and its bytes are
+counted at the size actually sent, so bf16 halves them. Labels, metrics, checkpoint
+and evaluation traffic, and whatever runs inside :meth:`Comm.exact`, keep their dtype.
 """
 from __future__ import annotations
 
@@ -31,8 +38,27 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+#: the tags whose floating tensors travel in ``Comm.wire_dtype`` (the trunk's gradients
+#: and weights, the last-conv activations, the FC head's exchanges; see tensor_parallel)
+WIRE_TAGS = frozenset({"weights", "activations", "fc_activations"})
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class _CastBack:
+    """An asynchronous collective run on wire-dtype copies: ``wait`` waits for it, then
+    copies the results back into the caller's tensors (casting to their dtype)."""
+
+    def __init__(self, work, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.work, self.pairs = work, pairs
+
+    def wait(self) -> bool:
+        self.work.wait()
+        for dst, wire in self.pairs:
+            dst.copy_(wire)
+        return True
 
 
 class Comm:
@@ -45,6 +71,38 @@ class Comm:
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
         self.wait_s = 0.0
+        self.wire_dtype: torch.dtype = torch.float32
+        self._exact = False
+
+    # -- the dtype on the wire ---------------------------------------------------------
+    @contextmanager
+    def exact(self):
+        """Collectives inside keep their tensors' dtype whatever ``wire_dtype`` says
+        (statistics that must stay fp32: the sharded cross-entropy's)."""
+        old, self._exact = self._exact, True
+        try:
+            yield
+        finally:
+            self._exact = old
+
+    def _wire(self, t: torch.Tensor, tag: str) -> torch.Tensor:
+        """``t`` as sent: cast to ``wire_dtype`` where its tag travels in it, else itself."""
+        if self._exact or tag not in WIRE_TAGS or not t.is_floating_point() or t.dtype == self.wire_dtype:
+            return t
+        return t.to(self.wire_dtype)
+
+    def _wired(self, fn, outs: list[torch.Tensor], wires: list[torch.Tensor], async_op: bool):
+        """Run ``fn`` (a collective on ``wires``); copy every wire that is not the
+        caller's own tensor back into its ``outs`` entry."""
+        pairs = [(o, w) for o, w in zip(outs, wires) if w is not o]
+        work = fn()
+        if not pairs:
+            return work
+        if async_op:
+            return _CastBack(work, pairs)
+        for o, w in pairs:
+            o.copy_(w)
+        return None
 
     # -- accounting ------------------------------------------------------------
     def record(self, tag: str, op: str, nbytes: float) -> None:
@@ -87,36 +145,44 @@ class Comm:
         return None
 
     def all_reduce(self, t: torch.Tensor, tag: str, op=dist.ReduceOp.SUM, async_op: bool = False):
-        self.record(tag, "all_reduce", 2 * self._frac() * _nbytes(t))
-        return self._run(lambda x, group, async_op=False: dist.all_reduce(x, op=op, group=group, async_op=async_op),
-                         t, async_op=async_op)
+        w = self._wire(t, tag)
+        self.record(tag, "all_reduce", 2 * self._frac() * _nbytes(w))
+        return self._wired(lambda: self._run(lambda x, group, async_op=False: dist.all_reduce(
+            x, op=op, group=group, async_op=async_op), w, async_op=async_op), [t], [w], async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, tag: str, async_op: bool = False):
-        self.record(tag, "reduce_scatter", self._frac() * _nbytes(inp))
-        return self._run(_reduce_scatter, out, inp, async_op=async_op)
+        wi, wo = self._wire(inp, tag), self._wire(out, tag)
+        self.record(tag, "reduce_scatter", self._frac() * _nbytes(wi))
+        return self._wired(lambda: self._run(_reduce_scatter, wo, wi, async_op=async_op), [out], [wo], async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, tag: str, async_op: bool = False):
-        self.record(tag, "all_gather", self._frac() * _nbytes(out))
-        return self._run(_all_gather, out, inp, async_op=async_op)
+        wi, wo = self._wire(inp, tag), self._wire(out, tag)
+        self.record(tag, "all_gather", self._frac() * _nbytes(wo))
+        return self._wired(lambda: self._run(_all_gather, wo, wi, async_op=async_op), [out], [wo], async_op)
 
     def broadcast(self, t: torch.Tensor, src: int, tag: str, async_op: bool = False):
-        """``src`` is a rank within this Comm's group."""
-        self.record(tag, "broadcast", self._frac() * _nbytes(t))
+        """``src`` is a rank within this Comm's group. The root's ``t`` is left as it is
+        (it may be a view of a tensor autograd saved), even when the wire rounds it."""
+        w = self._wire(t, tag)
+        self.record(tag, "broadcast", self._frac() * _nbytes(w))
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
-        return self._run(lambda x, group, async_op=False: dist.broadcast(x, global_src, group=group, async_op=async_op),
-                         t, async_op=async_op)
+        back = [w] if src == self.rank else [t]
+        return self._wired(lambda: self._run(lambda x, group, async_op=False: dist.broadcast(
+            x, global_src, group=group, async_op=async_op), w, async_op=async_op), back, [w], async_op)
 
     def reduce(self, t: torch.Tensor, dst: int, tag: str, async_op: bool = False):
         """Sum into ``t`` on ``dst`` (a rank within this Comm's group)."""
-        self.record(tag, "reduce", self._frac() * _nbytes(t))
+        w = self._wire(t, tag)
+        self.record(tag, "reduce", self._frac() * _nbytes(w))
         global_dst = dist.get_global_rank(self.group, dst) if self.group is not None else dst
-        return self._run(lambda x, group, async_op=False: dist.reduce(x, global_dst, group=group, async_op=async_op),
-                         t, async_op=async_op)
+        return self._wired(lambda: self._run(lambda x, group, async_op=False: dist.reduce(
+            x, global_dst, group=group, async_op=async_op), w, async_op=async_op), [t], [w], async_op)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, tag: str, async_op: bool = False):
-        self.record(tag, "all_to_all", self._frac() * _nbytes(inp))
-        return self._run(lambda o, i, group, async_op=False: dist.all_to_all_single(o, i, group=group, async_op=async_op),
-                         out, inp, async_op=async_op)
+        wi, wo = self._wire(inp, tag), self._wire(out, tag)
+        self.record(tag, "all_to_all", self._frac() * _nbytes(wi))
+        return self._wired(lambda: self._run(lambda o, i, group, async_op=False: dist.all_to_all_single(
+            o, i, group=group, async_op=async_op), wo, wi, async_op=async_op), [out], [wo], async_op)
 
     def barrier(self) -> None:
         with self.waiting():

@@ -43,13 +43,21 @@ class DDPStrategy(SingleStrategy):
         super().__init__(model, cfg, rt)
         device_ids = [rt.device.index] if rt.device.type == "cuda" else None
         self.net = DistributedDataParallel(self.model, device_ids=device_ids)
-        self.net.register_comm_hook(self.comm, _counting_allreduce_hook)
+        bf16 = cfg.comm_dtype == "bf16"
+        self.net.register_comm_hook(self.comm, _counting_bf16_hook if bf16 else _counting_allreduce_hook)
 
 
 def _counting_allreduce_hook(comm, bucket):  # no annotations: DDP checks them against real types
     """DDP's own all-reduce hook, with the bucket's bytes counted."""
     comm.record("weights", "all_reduce", 2 * (comm.size - 1) / comm.size * bucket.buffer().numel() * bucket.buffer().element_size())
     return default_hooks.allreduce_hook(comm.group, bucket)
+
+
+def _counting_bf16_hook(comm, bucket):
+    """DDP's bf16 compression hook (gradients sent in bfloat16, averaged, cast back), with
+    the bytes counted at the bf16 size actually sent."""
+    comm.record("weights", "all_reduce", 2 * (comm.size - 1) / comm.size * bucket.buffer().numel() * 2)
+    return default_hooks.bf16_compress_hook(comm.group, bucket)
 
 
 @dataclass
@@ -153,7 +161,8 @@ class ShardedDataParallel(Strategy):
             if self.average:
                 bucket.grad_shard.div_(self.comm.size)
         self.step(self.optimizer, finite)
-        works = [self.comm.all_gather(b.flat, b.shard, tag=self.tag, async_op=True) for b in self.buckets]
+        with self.comm.exact():  # weights travel in fp32 whatever --comm-dtype: every replica holds the master
+            works = [self.comm.all_gather(b.flat, b.shard, tag=self.tag, async_op=True) for b in self.buckets]
         for work in works:
             self.comm.wait(work)
         for p in self.synced.parameters():
@@ -161,7 +170,7 @@ class ShardedDataParallel(Strategy):
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         logits = self.model(images)
-        loss = F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits.float(), targets)
         loss.backward()
         out = self.global_stats(loss * len(targets), logits, targets)
         self.sync_and_step(out.finite)

@@ -53,7 +53,7 @@ class ShardedHeadStrategy(Strategy):
     def loss_and_errors(self, head_out: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss (differentiable) and top-1 errors, as device tensors (no host read)."""
         if self.head.row_wise:  # every worker holds the full logits: no communication
-            return F.cross_entropy(head_out, targets), (head_out.detach().argmax(1) != targets).sum()
+            return F.cross_entropy(head_out.float(), targets), (head_out.detach().argmax(1) != targets).sum()
         return sharded_loss_and_errors(head_out, targets, self.head.class_offset, self.comm)
 
     # -- state ------------------------------------------------------------------------

@@ -5,9 +5,17 @@ on this worker's part of the batch (forward, backward, communication, update), c
 logits for evaluation, reports the bytes it sent (via ``self.comm``), and exposes its
 state in the canonical form ``{"model": {param: tensor}, "momentum": {param: tensor}}``
 that checkpoints store (sharded strategies return DTensors there).
+
+``--precision bf16``: every strategy's ``train_step`` and ``logits`` run under
+``torch.autocast`` in bfloat16 (on the CUDA or CPU device at hand); parameters, their
+gradients and the optimizer's state stay fp32 (autocast casts copies for the matmuls and
+convolutions), and the loss is taken on fp32 logits. ``--comm-dtype`` sets
+``self.comm.wire_dtype`` (:class:`~onetrick.distributed.comm.Comm`).
 """
 from __future__ import annotations
 
+import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -94,16 +102,44 @@ def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor, skip: b
                 new.copy_(torch.where(finite, new, b if b is not None else zero.to(new.dtype)))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _in_precision(fn):
+    """``fn`` (a strategy method) run under the strategy's :meth:`Strategy.precision`."""
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        with self.precision():
+            return fn(self, *args, **kwargs)
+    return run
+
+
 class Strategy:
-    """Base class: one process, or a data-parallel group of them (see subclasses)."""
+    """Base class: one process, or a data-parallel group of them (see subclasses).
+
+    Every subclass's ``train_step`` and ``logits`` run under :meth:`precision` (wrapped
+    when the subclass is defined), so a strategy needs no code of its own for bf16."""
 
     name = "single"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("train_step", "logits"):
+            if name in cls.__dict__:
+                setattr(cls, name, _in_precision(cls.__dict__[name]))
 
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
         self.cfg = cfg
         self.rt = rt
         self.model = model.to(rt.device)
         self.comm = Comm()
+        self.comm.wire_dtype = DTYPES[cfg.comm_dtype]
+
+    def precision(self):
+        """The compute precision's context: bf16 autocast on this worker's device, or none."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     # -- data placement: which slice of each global batch this worker reads ----
     @property
@@ -125,6 +161,7 @@ class Strategy:
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         raise NotImplementedError
 
+    @_in_precision
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -177,7 +214,7 @@ class SingleStrategy(Strategy):
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.net(images)
-        loss = F.cross_entropy(logits, targets)
+        loss = F.cross_entropy(logits.float(), targets)  # the loss in fp32 (a no-op at fp32)
         loss.backward()
         out = self.global_stats(loss * len(targets), logits, targets)
         self.step(self.optimizer, out.finite)

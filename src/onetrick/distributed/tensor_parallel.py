@@ -290,7 +290,8 @@ class _ShardedCrossEntropy(Function):
         mine_target = torch.where(mine, target, torch.zeros_like(target))
         stats = torch.stack([lse, mine_target, best, (arg + offset).float()], dim=1).contiguous()
         every = stats.new_empty(comm.size * stats.numel())
-        comm.all_gather(every, stats.flatten(), tag=HEAD_TAG)
+        with comm.exact():  # statistics stay fp32 on the wire: class indices, log-sum-exps
+            comm.all_gather(every, stats.flatten(), tag=HEAD_TAG)
         every = every.view(comm.size, n, 4)
         total_lse = every[:, :, 0].logsumexp(dim=0)
         winner = every[:, :, 2].argmax(dim=0)   # the first worker with the best logit, as argmax

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..argtypes import comma_choices, comma_ints
-from ..config import DATA_PARALLEL_SYNCS, FC_BATCHES, SCHEMES, ConfigError
+from ..config import DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, PRECISIONS, SCHEMES, ConfigError
 from .report import bench_report, write_bench
 from .runner import run_bench
 
@@ -31,6 +31,14 @@ def add_parser(sub) -> None:
     p.add_argument("--sync", type=comma_choices(DATA_PARALLEL_SYNCS, "--sync"), default=["ddp"], help="data parallelism: ddp,sharded")
     p.add_argument("--scheme", type=comma_choices(SCHEMES, "scheme"), default=["b"], help="hybrid schemes: a,b,c")
     p.add_argument("--fc-batch", type=comma_choices(FC_BATCHES, "--fc-batch"), default=["full"], help="hybrid FC batch: full (K*B), worker (B)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (gloo) or cuda (NCCL; worker i on GPU i)")
+    p.add_argument("--precision", type=comma_choices(PRECISIONS, "--precision"), default=["fp32"],
+                   help="compute precisions, comma-separated (fp32,bf16: each configuration at both; speedups "
+                        "are over the first's single row)")
+    p.add_argument("--comm-dtype", type=comma_choices(PRECISIONS, "--comm-dtype"), default=["fp32"],
+                   help="dtypes on the wire, comma-separated (fp32,bf16: each multi-worker row at both)")
+    p.add_argument("--all-at-one", action="store_true",
+                   help="at K=1 time every listed strategy too (its cost on one worker), not only single")
     p.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker (the 1-worker row uses the same)")

@@ -23,7 +23,11 @@ from torch import nn
 
 from .blocks import Block
 
-__all__ = ["FLOAT", "PROFILES", "CostProvider", "FlopCosts", "MeasuredCosts", "ZeroCosts"]
+__all__ = ["FLOAT", "LINKS", "PROFILES", "CostProvider", "FlopCosts", "MeasuredCosts", "ScaledCosts", "ZeroCosts"]
+
+#: links for the predicted GPU tables, Gbit/s per GPU per direction (assumed, not measured)
+LINKS = {"NVLink 4 (H100 SXM, ~450 GB/s)": 3600.0, "PCIe Gen5 x16 (~64 GB/s)": 512.0,
+         "400 Gbit/s network": 400.0, "100 Gbit/s network": 100.0}
 
 FLOAT = 4          # fp32 bytes
 
@@ -36,6 +40,14 @@ PROFILES = {
                 "note": "Tesla K20x: 3.9 TFLOP/s fp32 peak (3.5 sustained clocks), 250 GB/s; PCIe 3"},
     "a100-pcie": {"peak_flops": 19.5e12, "efficiency": 0.5, "mem_gbs": 1555.0, "link_gbps": 200.0, "latency_us": 5.0,
                       "note": "A100 fp32 (no TF32): 19.5 TFLOP/s, 1.5 TB/s; PCIe 4 x16 ~25 GB/s"},
+    "h100": {"peak_flops": 67e12, "efficiency": 0.5, "mem_gbs": 3350.0, "link_gbps": 3600.0, "latency_us": 5.0,
+             "note": "H100 80GB SXM, times measured on one (torch 2.11, AlexNet B=128 224px, cudnn.benchmark): per "
+                     "block from FLOP counts, scaled so trunk and head match the measured ones; link: NVLink 4 "
+                     "~450 GB/s per direction per GPU (assumed)",
+             "measured": {"batch": 128, "fp32": {"step_ms": 13.3, "trunk_ms": 10.9, "head_ms": 1.65},
+                          "bf16": {"step_ms": 10.6, "trunk_ms": 9.2, "head_ms": 1.7}}},
+    "this-device": {"peak_flops": None, "efficiency": None, "mem_gbs": None, "link_gbps": None, "latency_us": 50.0,
+                    "note": "the device at hand (--device cpu|cuda), every block timed"},
     "this-cpu": {"peak_flops": None, "efficiency": None, "mem_gbs": None, "link_gbps": None, "latency_us": 50.0,
                      "note": "this machine, every block timed (one thread per worker by default)"},
 }
@@ -72,27 +84,70 @@ class FlopCosts:
         return 0.0
 
 
+class ScaledCosts(FlopCosts):
+    """FLOP-shaped costs scaled to measured totals: every trunk block's time is its FLOP
+    share of the measured trunk forward+backward, every head block's its share of the
+    measured head's, at any batch (linear in rows); the measured step's remainder beyond
+    trunk, head and the update is the per-step overhead (``measured``: a profile's
+    ``{"batch", "step_ms", "trunk_ms", "head_ms"}`` at one precision)."""
+
+    def __init__(self, blocks: list[Block], measured: dict, batch: int, mem_gbs: float) -> None:
+        super().__init__(blocks, 1e12, 1.0, mem_gbs)
+        rows = batch
+        trunk = sum(sum(FlopCosts.trunk(self, i, rows)) for i, b in enumerate(blocks) if b.part == "trunk")
+        head = sum(sum(FlopCosts.head(self, j, rows, b.linear[1])) for j, b in enumerate(blocks) if b.linear)
+        self.k_trunk = measured["trunk_ms"] / 1e3 / trunk
+        self.k_head = measured["head_ms"] / 1e3 / head
+        rest = measured["step_ms"] - measured["trunk_ms"] - measured["head_ms"]
+        self.per_row = max(0.0, rest / 1e3 - self.update(sum(b.numel for b in blocks))) / rows
+
+    def trunk(self, i: int, rows: int) -> tuple[float, float]:
+        fwd, bwd = super().trunk(i, rows)
+        return fwd * self.k_trunk, bwd * self.k_trunk
+
+    def head(self, j: int, rows: int, width: int) -> tuple[float, float]:
+        fwd, bwd = super().head(j, rows, width)
+        return fwd * self.k_head, bwd * self.k_head
+
+    def overhead(self, rows: int) -> float:
+        return self.per_row * rows
+
+
 class MeasuredCosts:
     """Compute timed on this machine: each block forward and backward, the fastest of
     ``reps`` runs after one warm-up (the machine is shared: other load only adds time)."""
 
-    def __init__(self, blocks: list[Block], threads: int = 1, reps: int = 3, model: nn.Module | None = None) -> None:
+    def __init__(self, blocks: list[Block], threads: int = 1, reps: int = 3, model: nn.Module | None = None,
+                 device: str = "cpu", precision: str = "fp32") -> None:
         self.blocks, self.threads, self.reps, self.model = blocks, threads, reps, model
+        self.device, self.precision = torch.device(device), precision
         self._cache: dict = {}
         self._upd: float | None = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":   # a GPU kernel's time is when it finishes, not when it is queued
+            torch.cuda.synchronize()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _time(self, module: nn.Module, shape: tuple[int, ...], input_grad: bool) -> tuple[float, float]:
         old = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            x0 = torch.randn(shape)
+            module.to(self.device)
+            x0 = torch.randn(shape, device=self.device)
             fw, bw = [], []
             for r in range(self.reps + 1):
                 x = x0.clone().requires_grad_(input_grad)
+                self._sync()
                 t0 = time.perf_counter()
-                out = module(x)
+                with self._autocast():
+                    out = module(x)
+                self._sync()
                 t1 = time.perf_counter()
                 out.backward(torch.ones_like(out))
+                self._sync()
                 t2 = time.perf_counter()
                 for p in module.parameters():
                     p.grad = None
@@ -134,17 +189,21 @@ class MeasuredCosts:
             old = torch.get_num_threads()
             torch.set_num_threads(self.threads)
             try:
-                model.train()
+                model.to(self.device).train()
                 opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-                x = torch.randn((rows,) + self.blocks[0].in_shape)
+                x = torch.randn((rows,) + self.blocks[0].in_shape, device=self.device)
                 classes = self.blocks[-1].out_shape[0]
-                y = torch.randint(0, classes, (rows,))
+                y = torch.randint(0, classes, (rows,), device=self.device)
                 times = []
                 for _ in range(self.reps + 1):
+                    self._sync()
                     t0 = time.perf_counter()
                     opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
+                    with self._autocast():
+                        loss = F.cross_entropy(model(x).float(), y)
+                    loss.backward()
                     opt.step()
+                    self._sync()
                     times.append(time.perf_counter() - t0)
                 whole = min(times[1:])
             finally:
@@ -161,13 +220,15 @@ class MeasuredCosts:
             torch.set_num_threads(self.threads)
             try:
                 n = 4_000_000
-                p = nn.Parameter(torch.randn(n))
-                p.grad = torch.randn(n)
+                p = nn.Parameter(torch.randn(n, device=self.device))
+                p.grad = torch.randn(n, device=self.device)
                 opt = torch.optim.SGD([p], lr=0.01, momentum=0.9, weight_decay=5e-4)
                 times = []
                 for _ in range(self.reps + 2):
+                    self._sync()
                     t0 = time.perf_counter()
                     opt.step()
+                    self._sync()
                     times.append(time.perf_counter() - t0)
                 self._upd = min(times[1:]) / n
             finally:

@@ -18,7 +18,7 @@ __all__ = ["COLUMNS", "PAPER_SPEEDUPS", "bench_report", "bench_table", "bytes_ta
            "write_simulation"]
 
 COLUMNS = ["strategy", "K", "(conv, FC) batch", "step ms", "images/s", "speedup", "efficiency", "of ceiling", "weights MB",
-           "activations MB", "other MB", "comm est ms", "exposed ms", "hidden", "other procs (cores)"]
+           "activations MB", "other MB", "collectives/step", "comm est ms", "exposed ms", "hidden", "other procs (cores)"]
 
 #: the paper's measured speedups (docs/PAPER.md) for K GPUs, hybrid scheme (b)
 PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0, 2: 1.93, 4: 3.66, 8: 6.16}}
@@ -37,12 +37,13 @@ def bench_table(result: dict) -> str:
             f"| {r['label']} | {r['workers']} | {r['batches']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
             f"{fmt(r['speedup'], '.2f')}x | {fmt(r['efficiency'], '.0%')} | {fmt(r.get('of_ceiling'), '.0%')} | "
             f"{r['bytes_weights'] / 1e6:.3f} | "
-            f"{r['bytes_activations'] / 1e6:.3f} | {r['bytes_other'] / 1e6:.3f} | {fmt(r['comm_est_ms'], '.1f')} | "
+            f"{r['bytes_activations'] / 1e6:.3f} | {r['bytes_other'] / 1e6:.3f} | {fmt(r.get('collectives_per_step'), 'g')} | "
+            f"{fmt(r['comm_est_ms'], '.1f')} | "
             f"{fmt(r['exposed_ms'], '.1f')} | {fmt(r['hidden'], '.0%')} | {fmt(r['foreign_cores'], '.2f')} |")
-        if r["strategy"] == "single" and result.get("baseline"):
-            b = result["baseline"]
-            lines.append(f"| torch loop (plain PyTorch) | 1 | {r['batches']} | {b['torch_loop_step_ms']:.1f} | "
-                         f"{b['torch_loop_images_per_s']:.1f} | - | - | - | - | - | - | - | - | - | - |")
+        b = r.get("baseline") or (result.get("baseline") if r["strategy"] == "single" and r["workers"] == 1 else None)
+        if b:
+            lines.append(f"| torch loop (plain PyTorch){'/bf16' if r.get('precision') == 'bf16' else ''} | 1 | {r['batches']} | {b['torch_loop_step_ms']:.1f} | "
+                         f"{b['torch_loop_images_per_s']:.1f} |" + " - |" * (len(COLUMNS) - 5))
     return "\n".join(lines)
 
 
@@ -53,6 +54,8 @@ def bench_report(result: dict) -> str:
            f"B={result['batch']} per worker, {result['threads']} thread(s) per worker"), ""]
     if result.get("command"):
         out += [f"Command: `{result['command']}`", ""]
+    if result.get("gpu"):
+        out += [f"Device: {result['gpu']} (CUDA; every step ends with a device synchronisation).", ""]
     out += [(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average before/after "
             f"{result['load_before'][0]:.2f}/{result['load_after'][0]:.2f}; matmul {result['cpu_gflops_per_worker']:.1f} "
             f"GFLOP/s per worker."), ""]
@@ -65,9 +68,11 @@ def bench_report(result: dict) -> str:
             + (f"; each configuration run {rounds} times, interleaved; reported: the fastest of the rounds in which "
                "other processes used least CPU (within 0.1 core)" if rounds > 1 else "") + ". `other procs`: cores used by other processes "
             "while the steps were measured (the machine is shared).", "", bench_table(result)]
-    if result.get("baseline"):
-        b = result["baseline"]
-        out += ["", (f"Framework tax (one worker): onetrick `single` {b['onetrick_step_ms']:.1f} ms/step vs plain "
+    taxes = [r for r in result["rows"] if r.get("baseline")] or ([{"baseline": result["baseline"]}]
+                                                                  if result.get("baseline") else [])
+    for r in taxes:
+        b, bf16 = r["baseline"], " (bf16)" if r.get("precision") == "bf16" else ""
+        out += ["", (f"Framework tax (one worker){bf16}: onetrick `single` {b['onetrick_step_ms']:.1f} ms/step vs plain "
                     f"PyTorch loop {b['torch_loop_step_ms']:.1f} ms/step: {b['tax']:+.1%}.")]
     return "\n".join(out)
 

@@ -19,6 +19,9 @@ the median over steps is reported. Per row:
   ``activations``: last-conv activations and FC activations or their gradients,
   ``other``: labels and metrics), as counted by the strategy's ``Comm`` (mean over
   workers and steps);
+* ``collectives/step``: the collectives (and point-to-point calls) rank 0's ``Comm``
+  counted in a measured step (median over steps), each a point where the workers meet;
+  the JSON's ``collectives`` breaks them down by ``"tag/op"`` (mean over steps);
 * ``comm est ms`` = bytes per worker per step / the link bandwidth *measured* by the
   first multi-worker job before its warm-up (a point-to-point ``torch.distributed`` send
   of up to 64 MB from rank 0 to rank 1; the same job times a tiny all-reduce and
@@ -65,7 +68,7 @@ from pathlib import Path
 from ..config import ConfigError, TrainConfig
 from .costmodel import variant_label
 from .report import fmt
-from .workers import bench_worker, link_worker, machine_info, matmul_gflops, wait_quiet
+from .workers import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
 
 __all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_bench"]
 
@@ -156,18 +159,35 @@ class Job:
     fc_batch: str = "full"
     baseline: bool = False
     batch: int | None = None     # per-worker batch, when not bench's --batch (model parallelism at K*B)
+    precision: str = "fp32"
+    comm_dtype: str = "fp32"
 
     @property
     def label(self) -> str:
         if self.strategy == "independent":
-            return "independent (no comm)"
-        return variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
+            base = "independent (no comm)"
+        else:
+            base = variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
+        return base + ("/bf16" if self.precision == "bf16" else "") + ("/bf16-wire" if self.comm_dtype == "bf16" else "")
 
 
 def expand_jobs(strategies: list[str], workers: list[int], syncs: list[str], schemes: list[str],
-                fc_batches: list[str], baseline: bool = True) -> list[Job]:
+                fc_batches: list[str], baseline: bool = True, precisions: tuple[str, ...] = ("fp32",),
+                comm_dtypes: tuple[str, ...] = ("fp32",), all_at_one: bool = False) -> list[Job]:
     """The jobs of a bench run: ``single`` at K=1 (with the plain PyTorch ``baseline``),
-    every strategy x variant at every other K."""
+    every strategy x variant at every other K (``all_at_one``: at K=1 too), each at every
+    precision x wire dtype (the first of each is the reference row's)."""
+    jobs = _expand(strategies, workers, syncs, schemes, fc_batches, baseline, all_at_one)
+    out = []
+    for p in precisions:
+        for c in comm_dtypes:
+            out += [dataclasses.replace(j, precision=p, comm_dtype=c) for j in jobs
+                    if not (c != comm_dtypes[0] and j.workers == 1)]  # one worker: no wire to halve
+    return out
+
+
+def _expand(strategies: list[str], workers: list[int], syncs: list[str], schemes: list[str],
+            fc_batches: list[str], baseline: bool, all_at_one: bool) -> list[Job]:
     for s in strategies:
         if s not in ("single", "independent", "data", "model", "hybrid"):
             raise ConfigError(f"bench times single, independent, data, model and hybrid (got {s!r}); "
@@ -178,8 +198,11 @@ def expand_jobs(strategies: list[str], workers: list[int], syncs: list[str], sch
             raise ConfigError(f"--workers must be at least 1 (got {k})")
         if k == 1:
             jobs.append(Job("single", 1, baseline=baseline))
-            continue
+            if not all_at_one:
+                continue
         for s in strategies:
+            if k == 1 and s in ("single", "independent"):
+                continue
             if s == "independent":
                 jobs.append(Job("independent", k))
             elif s == "data":
@@ -223,19 +246,23 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     from ..models import input_size
 
     image = args.image_size or input_size(args.model)
-    jobs = expand_jobs(args.strategies, args.workers, args.sync, args.scheme, args.fc_batch, not args.no_baseline)
+    jobs = expand_jobs(args.strategies, args.workers, args.sync, args.scheme, args.fc_batch, not args.no_baseline,
+                       tuple(getattr(args, "precision", None) or ["fp32"]),
+                       tuple(getattr(args, "comm_dtype", None) or ["fp32"]), getattr(args, "all_at_one", False))
     if getattr(args, "validate_plan", False):   # the planner's model parallelism: K*B examples, the same SGD
         for job in jobs:
             job.batch = job.workers * args.batch if job.strategy == "model" else None
     base = TrainConfig(model=args.model, data=args.data, image_size=image, batch=args.batch, threads=args.threads,
-                       timeout_s=args.timeout, seed=args.seed, dropout=args.dropout, progress=False)
+                       timeout_s=args.timeout, seed=args.seed, dropout=args.dropout, progress=False,
+                       device=getattr(args, "device", "cpu"))
     cfgs = []
     for job in jobs:
         if job.strategy == "independent":   # K processes, each the one-worker strategy, no communication
-            cfg = base.replace(strategy="single", workers=1)
+            cfg = base.replace(strategy="single", workers=1, precision=job.precision)
         else:
             cfg = base.replace(strategy=job.strategy, workers=job.workers, sync=job.sync or "ddp", scheme=job.scheme,
-                               fc_batch=job.fc_batch, batch=job.batch or args.batch)
+                               fc_batch=job.fc_batch, batch=job.batch or args.batch, precision=job.precision,
+                               comm_dtype=job.comm_dtype)
         cfgs.append(cfg.validate())
     gflops = matmul_gflops(args.threads)
     mbps, link_note = resolve_link(args.link_mbps, gflops)
@@ -243,6 +270,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     load_before = os.getloadavg()
     result = {"command": None, "machine": machine_info(), "model": args.model, "image_size": image, "data": args.data,
               "batch": args.batch, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+              "device": base.device, "gpu": gpu_name(base.device),
               "rounds": args.rounds,
               "cpu_gflops_per_worker": gflops, "paper_flop_per_byte": PAPER_FLOP_PER_BYTE,
               "link": {"shaped_mbps": mbps, "note": link_note,
@@ -301,8 +329,8 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
             best["rounds_step_ms"] = [r["step_ms"] for r in rows]
             best["rounds_foreign_cores"] = [r["foreign_cores"] for r in rows]
             result["rows"].append(best)
-            if "baseline" in best:
-                result["baseline"] = best.pop("baseline")
+            if "baseline" in best and result["baseline"] is None:   # the reference precision's plain loop
+                result["baseline"] = best["baseline"]
     finally:
         if net is not None:
             net.destroy()
@@ -322,6 +350,7 @@ def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
     sent = {t: statistics.mean(r["bytes"].get(t, 0) for r in ranks) for t in tags}
     return {"label": job.label, "strategy": job.strategy, "sync": job.sync, "scheme": job.scheme,
             "fc_batch": job.fc_batch, "workers": k, "batch": b, "batches": _batch_pair(job, b),
+            "precision": job.precision, "comm_dtype": job.comm_dtype,
             "step_ms": step * 1e3, "step_ms_all": [s * 1e3 for s in r0["step_s"]],
             "local_ms": statistics.median(r0["local_s"]) * 1e3, "images_per_s": images / step,
             "bytes": sent, "bytes_weights": sent.get("weights", 0),
@@ -329,6 +358,8 @@ def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
             "bytes_other": sum(v for t, v in sent.items() if t != "weights" and "activations" not in t),
             "bytes_total": sum(sent.values()),
             "comm_wait_ms": statistics.mean(r["comm_wait_s"] for r in ranks) * 1e3,
+            "collectives_per_step": statistics.median(r0.get("calls_total") or [0]),
+            "collectives": r0.get("calls", {}),
             "foreign_cores": _foreign(ranks)}
 
 

@@ -3,10 +3,11 @@
 It predicts, per strategy and worker count K, one worker's step time, the speedup over
 one worker, the bytes each worker sends per step by tag and the share of communication
 hidden behind compute, with the cost model of :mod:`onetrick.perf.costmodel`. Compute
-per block is *measured* on this machine (profile ``this-cpu``: every trunk block timed at
-batch B, every fully-connected layer at the exact shard shape a strategy gives it, SGD's
+per block is *measured* on this machine (profile ``this-cpu``, or ``this-device`` with
+``--device cpu|cuda`` and ``--precision``: every trunk block timed at batch B, every fully-connected layer at the exact shard shape a strategy gives it, SGD's
 update per parameter) or *counted* (a named GPU profile: FLOP at peak x achieved
-efficiency, updates at memory bandwidth). With ``--cores C``, K workers of T threads on
+efficiency, updates at memory bandwidth), or *measured elsewhere* (``h100``: the times
+measured on one H100 at B=128, fp32 or bf16, split over the blocks by FLOP). With ``--cores C``, K workers of T threads on
 C cores compute ``max(1, K*T/C)`` times slower. ``--validate BENCH.json`` predicts every
 row of a bench result (:mod:`onetrick.perf.validate`).
 """
@@ -16,10 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from ..argtypes import comma_ints
+from ..config import ConfigError
 from .blocks import model_blocks
 from .costmodel import STRATEGY_VARIANTS, Link, sweep
-from .costs import PROFILES, FlopCosts, MeasuredCosts
+from .costs import PROFILES, FlopCosts, MeasuredCosts, ScaledCosts
 from .report import simulation_report, write_simulation
 from .validate import validate
 
@@ -38,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--strategies", default="single,data,model,hybrid",
                    help="comma-separated: single, data, model, hybrid (hybrid: every scheme and FC batch)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="this-cpu", help="compute costs: timed on this machine, or a named GPU profile")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="this-device: where the blocks are timed")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="this-device: autocast while timing; h100: which measured figures")
     p.add_argument("--efficiency", type=float, default=None, help="achieved fraction of the profile's peak FLOP/s")
     p.add_argument("--link-gbps", type=float, default=None, help="per-worker link, Gbit/s (default: the profile's)")
     p.add_argument("--latency-us", type=float, default=None, help="per message (default: the profile's)")
@@ -61,9 +68,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     prof = PROFILES[args.profile]
     image = args.image_size or input_size(args.model)
     blocks, model = model_blocks(args.model, args.classes, image, with_model=True)
-    if args.profile == "this-cpu":
-        costs = MeasuredCosts(blocks, threads=args.threads, reps=args.reps, model=model)
-        rate = "measured per layer on this machine"
+    if args.profile in ("this-cpu", "this-device"):
+        device = "cpu" if args.profile == "this-cpu" else args.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda given but no CUDA device is available")
+        costs = MeasuredCosts(blocks, threads=args.threads, reps=args.reps, model=model, device=device,
+                              precision=args.precision)
+        rate = f"measured per layer on this machine's {device}" + (" in bf16" if args.precision == "bf16" else "")
+    elif "measured" in prof:
+        m = prof["measured"]
+        costs = ScaledCosts(blocks, m[args.precision], m["batch"], prof["mem_gbs"])
+        rate = (f"{args.precision} times measured at B={m['batch']} (trunk {m[args.precision]['trunk_ms']} ms, head "
+                f"{m[args.precision]['head_ms']} ms, step {m[args.precision]['step_ms']} ms), split by FLOP")
     else:
         eff = args.efficiency or prof["efficiency"]
         costs = FlopCosts(blocks, prof["peak_flops"], eff, prof["mem_gbs"])
@@ -88,7 +104,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         meta = {"command": command, "model": args.model, "image_size": image, "batch": args.batch,
                 "profile": args.profile, "rate": rate, "link_gbps": link, "latency_us": lat}
         written = write_simulation(args.out, report, meta, rows, validations, title,
-                                   paper_plot=args.model.startswith("alexnet") and args.profile != "this-cpu"
+                                   paper_plot=args.model.startswith("alexnet") and not args.profile.startswith("this-")
                                    and image == 224)
         print("wrote " + ", ".join(str(w) for w in written))
     return 0

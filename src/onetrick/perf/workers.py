@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 
-__all__ = ["bench_worker", "foreign_load", "link_worker", "machine_busy_s", "machine_info", "matmul_gflops",
+__all__ = ["bench_worker", "foreign_load", "gpu_name", "link_worker", "machine_busy_s", "machine_info", "matmul_gflops",
            "wait_quiet"]
 
 
@@ -41,27 +41,32 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
 
     data = build_data(cfg.data, cfg.image_size)
     torch.manual_seed(cfg.seed)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # as a plain GPU loop would run
     model = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout)
     strategy = parallelize(model, cfg, rt)
     strategy.set_training(True)
-    batches = _batches(data, strategy.data_rank, strategy.data_world, cfg.batch)
+    batches = [(x.to(rt.device), y.to(rt.device))
+               for x, y in _batches(data, strategy.data_rank, strategy.data_world, cfg.batch)]
 
     plain = None
     if job.get("baseline"):
         torch.manual_seed(cfg.seed)
-        pmodel = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout).train()
+        pmodel = build_model(cfg.model, data.num_classes, data.in_channels, cfg.dropout).to(rt.device).train()
         popt = torch.optim.SGD(pmodel.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-        def plain(x, y):
+        def plain(x, y):   # the plain loop at the same precision: autocast as the PyTorch docs write it
             popt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(pmodel(x), y)
+            with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = F.cross_entropy(pmodel(x).float(), y)
             loss.backward()
             popt.step()
-            return float(loss.detach())
 
     def barrier():
         if rt.world > 1:
             dist.barrier()
+        elif rt.device.type == "cuda":   # a step's end is when the GPU finishes it
+            torch.cuda.synchronize()
 
     link = {}
     if job.get("link_probe") and rt.world > 1:   # ranks 0 and 1 measure the link first
@@ -74,17 +79,21 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
         strategy.train_step(*batches[i % 2])
     barrier()
     strategy.comm.take()
-    step_s, local_s, plain_s, waits, sent = [], [], [], [], []
+    step_s, local_s, plain_s, waits, sent, calls = [], [], [], [], [], []
     busy0, cpu0, wall0 = machine_busy_s(), time.process_time(), time.perf_counter()
     for i in range(job["steps"]):
         x, y = batches[i % 2]
         if plain:
+            barrier()
             t0 = time.perf_counter()
             plain(x, y)
+            barrier()
             plain_s.append(time.perf_counter() - t0)
         barrier()
         t0 = time.perf_counter()
         strategy.train_step(x, y)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
         t1 = time.perf_counter()
         snap = strategy.comm.take()
         barrier()
@@ -92,12 +101,15 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
         local_s.append(t1 - t0)
         waits.append(snap["comm_wait_s"])
         sent.append(snap["bytes"])
+        calls.append(snap["calls"])
     busy1, cpu1, wall1 = machine_busy_s(), time.process_time(), time.perf_counter()
     tags = sorted({t for s in sent for t in s})
     return {"rank": rt.rank, "step_s": step_s, "local_s": local_s, "plain_s": plain_s,
             "window_s": wall1 - wall0, "cpu_s": cpu1 - cpu0, "machine_busy_s": busy1 - busy0,
             "comm_wait_s": statistics.mean(waits) if waits else 0.0,
             "bytes": {t: statistics.mean(s.get(t, 0) for s in sent) for t in tags},
+            "calls_total": [sum(c.values()) for c in calls],
+            "calls": {op: statistics.mean(c.get(op, 0) for c in calls) for op in sorted({o for c in calls for o in c})},
             "threads": torch.get_num_threads(), "link": link}
 
 
@@ -200,6 +212,11 @@ def matmul_gflops(threads: int = 1, n: int = 2048, reps: int = 5) -> float:
         return 2 * n**3 / statistics.median(times) / 1e9
     finally:
         torch.set_num_threads(old)
+
+
+def gpu_name(device: str) -> str | None:
+    """The GPU's name for a CUDA bench (None on the CPU)."""
+    return torch.cuda.get_device_name(0) if device == "cuda" else None
 
 
 def machine_info() -> dict:
