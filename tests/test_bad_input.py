@@ -17,7 +17,7 @@ BAD_TRAIN_INPUT = [
     (["--model", "vgg"], "unknown model 'vgg'"),
     (["--data", "cifar"], "unknown --data 'cifar'"),
     (["--data", "imagefolder:/no/such/dir"], "data path not found: /no/such/dir"),
-    (["--data", "imagefolder:"], "data path not found"),
+    (["--data", "imagefolder:"], "names no path; use imagefolder:PATH"),
     (["--data", "synthetic:x"], "synthetic:CLASSES needs an integer"),
     (["--data", "synthetic:1"], "synthetic:CLASSES needs an integer >= 2"),
     (["--data", "synthetic:-5"], "synthetic:CLASSES needs an integer"),

@@ -115,7 +115,7 @@ def test_two_workers_train_the_default_network(tmp_path, strategy):
 def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
     """``torchrun -m onetrick.cli train`` (no --workers: torchrun's process count) gives
     the same weights as ``onetrick train --workers 2``; a mismatched --workers is refused."""
-    job = ["--strategy", "hybrid", "--steps", "6", "--batch", "16", "--ckpt-every", "6", *FAST]
+    job = ["--strategy", "hybrid", "--scheme", "b", "--steps", "6", "--batch", "16", "--ckpt-every", "6", *FAST]
     own = onetrick("train", "--workers", "2", *job, "--out", tmp_path / "own", timeout=200)
     assert own.returncode == 0, own.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
