@@ -32,3 +32,17 @@ def comma_choices(allowed: Sequence[str], what: str = "value") -> Callable[[str]
                                              f"choose from {', '.join(allowed)}")
         return items
     return parse
+
+
+def link_mbps(value: str, named: str) -> float:
+    """``--link-mbps``: a positive number of Mbit/s (``named``: the word it also takes,
+    handled by the caller). ConfigError, one line, otherwise."""
+    from .config import ConfigError
+
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise ConfigError(f"--link-mbps expects a number or '{named}' (got {value!r})") from None
+    if not mbps > 0:
+        raise ConfigError(f"--link-mbps must be positive (got {value})")
+    return mbps

@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from ..argtypes import link_mbps
 from ..config import FC_BATCHES, ConfigError, TrainConfig
 from .costmodel import Link
 from .costs import PROFILES, FlopCosts
@@ -45,12 +46,7 @@ def _link(value: str, k: int, collective_us: float) -> tuple[Link, dict]:
     if value == "measured":
         probe = loopback_link(k) if k > 1 else {}
         return Link.from_measured(probe), probe
-    try:
-        mbps = float(value)
-    except ValueError:
-        raise ConfigError(f"--link-mbps expects a number or 'measured' (got {value!r})") from None
-    if mbps <= 0:
-        raise ConfigError(f"--link-mbps must be positive (got {value})")
+    mbps = link_mbps(value, "measured")
     return Link(mbps / 1e3, 0.0, collective_us), {"kind": "given", "measured_mbps": mbps}
 
 

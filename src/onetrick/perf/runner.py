@@ -65,6 +65,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..argtypes import link_mbps
 from ..config import ConfigError, TrainConfig
 from .costmodel import variant_label
 from .report import fmt
@@ -230,12 +231,7 @@ def resolve_link(value: str | None, gflops: float) -> tuple[float | None, str]:
         mbps = round(gflops * 1e9 / PAPER_FLOP_PER_BYTE * 8 / 1e6)
         return float(mbps), (f"paper ratio: {gflops:.1f} GFLOP/s per worker / {PAPER_FLOP_PER_BYTE:.0f} FLOP per byte "
                              f"= {mbps} Mbit/s")
-    try:
-        mbps = float(value)
-    except ValueError:
-        raise ConfigError(f"--link-mbps expects a number or 'paper' (got {value!r})") from None
-    if mbps <= 0:
-        raise ConfigError(f"--link-mbps must be positive (got {value})")
+    mbps = link_mbps(value, "paper")
     return mbps, f"{mbps:g} Mbit/s shaped ({gflops * 1e9 / (mbps * 1e6 / 8):.0f} FLOP per byte at {gflops:.1f} GFLOP/s)"
 
 
