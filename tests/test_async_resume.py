@@ -97,7 +97,8 @@ def test_hogwild_periodic_checkpoint_is_a_consistent_cut(tmp_path):
     names = [p.name for p in checkpoint.candidates(tmp_path)]
     assert names == ["step_00000008", "step_00000004"]
     meta = checkpoint.read_meta(tmp_path / "checkpoints" / "step_00000004")
-    assert meta["ranks"][0]["steps"] == 4 and 1 <= meta["ranks"][1]["steps"] <= 8
+    # worker 1 may not have started yet when worker 0 reaches step 4 (Hogwild does not wait)
+    assert meta["ranks"][0]["steps"] == 4 and 0 <= meta["ranks"][1]["steps"] <= 8
     assert all(r["images"] == r["steps"] * 8 for r in meta["ranks"])
     shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
     (tmp_path / "checkpoints" / "LATEST").write_text("step_00000004")
