@@ -41,7 +41,9 @@ def check(cfg: TrainConfig, source: Source | None = None) -> None:
     if cfg.out is not None:  # None: a fresh directory under runs/ (rundir.prepare)
         check_run_directory(Path(cfg.out))
     check_cores(cfg)
-    data = source.data if source else _data(cfg)
+    from .worker import run_data
+
+    data = source.data if source else run_data(cfg)
     if data.num_classes < 2:
         raise ConfigError(f"{data.name} has {data.num_classes} class; a classifier needs at least 2")
     check_batch(cfg, len(data.train), data.name)
@@ -126,14 +128,6 @@ def _available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _data(cfg: TrainConfig):
-    from .data import build_data
-    from .models import input_size
-
-    return build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
-                      skip_corrupt=cfg.skip_corrupt, train_examples=cfg.train_examples)
 
 
 def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:

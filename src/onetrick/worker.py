@@ -23,12 +23,17 @@ def setup(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> tuple[
     if source is not None:
         data, model = source.build()
         return data, parallelize(model, cfg, rt)
-    size = cfg.image_size or input_size(cfg.model)
-    data = build_data(cfg.data, image_size=size, seed=cfg.seed, skip_corrupt=cfg.skip_corrupt,
-                      train_examples=cfg.train_examples)
+    data = run_data(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, dropout=cfg.dropout)
     return data, parallelize(model, cfg, rt)
+
+
+def run_data(cfg: TrainConfig) -> DataBundle:
+    """The data set ``--data`` names, as every process of the run builds it (the launcher's
+    checks and planner too, so they see exactly what the workers will)."""
+    return build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
+                      skip_corrupt=cfg.skip_corrupt, train_examples=cfg.train_examples)
 
 
 def steps_per_epoch(data: DataBundle, cfg: TrainConfig) -> int:

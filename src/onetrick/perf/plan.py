@@ -125,9 +125,9 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
         log(f"plan: {resolved.strategy}{'/b' if auto_scheme else ''}: one worker, nothing to plan")
         return resolved.replace(plan={"choice": {"label": resolved.strategy}, "reason": "one worker", "candidates": []})
     t0 = time.perf_counter()
-    from .. import preflight
+    from ..worker import run_data
 
-    data = preflight._data(cfg)
+    data = run_data(cfg)
     threads = cfg.threads or _default_threads(cfg.workers)
     blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
     probe = loopback_link(cfg.workers)
