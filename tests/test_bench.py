@@ -208,3 +208,38 @@ def test_link_from_a_bench_result():
     assert Link.from_measured(measured) == Link(2.34, 0.0, 450.0)   # the tiny collective's time includes latency
     assert Link.from_measured({"measured_mbps": 2340.0, "latency_us": 180.0}) == Link(2.34, 180.0, 0.0)
     assert Link.from_measured({}) == Link(None, 0.0, 0.0)
+    busy = {**measured, "sync_us": 2000.0, "overlap_us_per_mb": 700.0}   # the planner's probe adds these
+    assert Link.from_measured(busy) == Link(2.34, 0.0, 450.0, 2000.0, 700.0)
+
+
+def test_busy_workers_pay_per_rendezvous_and_per_byte_overlapped():
+    """``sync_us`` is paid once at every point where a worker blocks on a collective still
+    in flight (a synchronous one, or the wait for DDP's buckets) and nowhere else;
+    ``overlap_us_per_mb`` lengthens the compute by the bytes the asynchronous ones send."""
+    blocks = describe(tiny(), IMAGE)
+    costs = FlopCosts(blocks, 1e9, 1.0, 10.0)
+    for variant in VARIANTS:
+        bare = predict(blocks, costs, variant, 4, B, Link(gbps=1.0, collective_us=50.0))
+        sync = predict(blocks, costs, variant, 4, B, Link(gbps=1.0, collective_us=50.0, sync_us=1000.0))
+        assert sync.rendezvous >= sync.blocking >= 1, variant.label   # + the waits on async work still in flight
+        # every synchronous collective pays; a wait for an asynchronous one pays unless the
+        # penalties before it gave it time to finish
+        assert sync.blocking * 0.999e-3 <= sync.step_s - bare.step_s <= sync.rendezvous * 1.001e-3, variant.label
+        assert sync.compute_s == pytest.approx(bare.compute_s), variant.label
+    ddp = Variant("data", "ddp")
+    bare = predict(blocks, costs, ddp, 4, B, Link(gbps=1.0))
+    over = predict(blocks, costs, ddp, 4, B, Link(gbps=1.0, overlap_us_per_mb=500.0))
+    weights = bare.bytes["weights"]   # DDP's buckets are its only asynchronous collectives
+    assert over.compute_s - bare.compute_s == pytest.approx(weights / 1e6 * 500e-6)
+
+
+def test_the_busy_worker_probes_measure_something_plausible():
+    """Two threads with gloo groups of their own: a blocking 256 KB all-reduce among busy
+    workers costs something and less than a second; an overlapped 8 MB all-reduce costs
+    the compute beside it under 0.1 s per MB."""
+    from onetrick.perf.probe import busy_sync_us, measured_link, overlap_us_per_mb
+
+    assert 0.0 <= busy_sync_us(2, count=4, repeats=1) < 1e6
+    assert 0.0 <= overlap_us_per_mb(2, count=4, repeats=1) < 1e5
+    link = measured_link(2)
+    assert link["measured_mbps"] > 0 and {"sync_us", "overlap_us_per_mb", "collective_us"} <= set(link)

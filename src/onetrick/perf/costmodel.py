@@ -20,9 +20,14 @@ waiting for one, or running a synchronous one, is *exposed* time. That is how sc
 (gradient buckets all-reduced during the rest of backward). ``slow`` multiplies every
 compute time (K workers sharing cores or memory bandwidth).
 
-All workers are assumed identical (the slowest shard, ``ceil(n/K)`` neurons, is
-simulated), so stragglers, the CPU time communication itself costs, and Python overheads
-between layers are not modelled.
+Every rendezvous (a synchronous collective, or a wait on one still in flight) costs
+``Link.sync_us`` more where K workers time-share fewer cores than they have threads: a
+peer may be descheduled behind another worker's compute, and the collective completes
+only when it has taken its turn (measured, not derived: :mod:`~onetrick.perf.probe`).
+An asynchronous collective lengthens the compute it overlaps by ``Link.overlap_us_per_mb``
+per MB sent (gloo's copies and sums on the same cores). All workers are otherwise
+assumed identical (the slowest shard, ``ceil(n/K)`` neurons, is simulated); Python
+overheads between layers are not modelled.
 """
 from __future__ import annotations
 
@@ -87,19 +92,22 @@ class Link:
     gbps: float | None = None
     latency_us: float = 0.0
     collective_us: float = 0.0
-    cpu_us_per_mb: float = 0.0   # CPU gloo spends per MB sent (copies, sums): steals compute when overlapped
+    sync_us: float = 0.0   # extra wait at each rendezvous when K workers time-share fewer cores (probe.busy_sync_us)
+    overlap_us_per_mb: float = 0.0   # compute an overlapped collective steals per MB sent (probe.overlap_us_per_mb)
 
     @classmethod
     def from_measured(cls, link: dict) -> Link:
         """From a bench result's ``link`` (the probe's ``measured_mbps``, ``latency_us``
         and ``collective_us`` per op). The timed tiny collective already includes the
-        latency, so where it was measured it replaces latency x messages."""
+        latency, so where it was measured it replaces latency x messages. ``sync_us`` and
+        ``overlap_us_per_mb``, where the probe measured them
+        (:func:`~onetrick.perf.probe.measured_link`), are kept."""
         gbps = (link.get("measured_mbps") or 0) / 1e3 or None
         coll = link.get("collective_us")
-        cpu = link.get("cpu_us_per_mb") or 0.0
+        busy = {"sync_us": link.get("sync_us") or 0.0, "overlap_us_per_mb": link.get("overlap_us_per_mb") or 0.0}
         if coll:
-            return cls(gbps, 0.0, statistics.mean(coll.values()), cpu)
-        return cls(gbps, link.get("latency_us") or 0.0, 0.0, cpu)
+            return cls(gbps, 0.0, statistics.mean(coll.values()), **busy)
+        return cls(gbps, link.get("latency_us") or 0.0, 0.0, **busy)
 
 
 @dataclass
@@ -108,7 +116,9 @@ class StepResult:
     ``comm_s`` (link busy), ``exposed_s`` (waited for); ``hidden`` = the share of
     ``comm_s`` not exposed (None without communication); ``bytes`` sent by tag;
     ``collectives`` issued by op; ``blocking``: how many of them the worker waited on
-    at once (synchronous ones, each paying its fixed cost in the open)."""
+    at once (synchronous ones, each paying its fixed cost in the open); ``rendezvous``:
+    the points where the worker blocked (those, and the waits for asynchronous ones still
+    in flight), each paying ``Link.sync_us``."""
 
     step_s: float
     compute_s: float
@@ -118,6 +128,7 @@ class StepResult:
     bytes: dict[str, int]
     collectives: dict[str, int] = field(default_factory=dict)
     blocking: int = 0
+    rendezvous: int = 0
 
     @property
     def bytes_total(self) -> int:
@@ -137,12 +148,13 @@ def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, 
     outside the head)."""
     plan = Schedule(blocks, costs, k, variant.cut if variant.strategy == "hybrid" else 0)
     bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
-    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.cpu_us_per_mb * 1e-12)
+    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.sync_us * 1e-6,
+                    link.overlap_us_per_mb * 1e-12)
     w.compute(costs.overhead(batch))
     walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
     comm = w.comm_s
     return StepResult(w.t, w.compute_s, comm, w.exposed_s, (1.0 - min(1.0, w.exposed_s / comm)) if comm > 0 else None,
-                      dict(w.bytes), dict(w.collectives), w.blocking)
+                      dict(w.bytes), dict(w.collectives), w.blocking, w.rendezvous)
 
 
 def step_bytes(blocks: list[Block], variant: Variant, k: int, batch: int) -> dict[str, int]:

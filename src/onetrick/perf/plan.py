@@ -9,6 +9,7 @@ launcher, before any worker starts, so every worker runs one concrete configurat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -17,7 +18,8 @@ from ..argtypes import link_mbps
 from ..config import FC_BATCHES, ConfigError, TrainConfig
 from .costmodel import Link
 from .costs import PROFILES, FlopCosts
-from .planner import Plan, loopback_link, make_plan, measured_costs
+from .planner import Plan, make_plan, measured_costs
+from .probe import measured_link
 
 __all__ = ["add_parser", "cmd_plan", "format_plan", "resolve_auto"]
 
@@ -42,12 +44,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _link(value: str, k: int, collective_us: float) -> tuple[Link, dict]:
+def _link(value: str, k: int, collective_us: float, threads: int) -> tuple[Link, dict]:
+    """The link the plan assumes and what was measured of it. A given bandwidth keeps the
+    busy workers' extra cost per rendezvous measured here: it comes from sharing cores."""
+    probe = measured_link(k, threads) if k > 1 else {}
     if value == "measured":
-        probe = loopback_link(k) if k > 1 else {}
         return Link.from_measured(probe), probe
     mbps = link_mbps(value, "measured")
-    return Link(mbps / 1e3, 0.0, collective_us), {"kind": "given", "measured_mbps": mbps}
+    sync = probe.get("sync_us", 0.0)
+    return Link(mbps / 1e3, 0.0, collective_us, sync), {"kind": "given", "measured_mbps": mbps, "sync_us": sync}
 
 
 def _slow(k: int, threads: int) -> float:
@@ -73,10 +78,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     threads = args.threads or _default_threads(args.workers)
     blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
     slow = _slow(args.workers, threads)
-    if args.profile != "this-cpu":
+    link, probe = _link(args.link_mbps, args.workers, args.collective_us, threads)
+    if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
         prof = PROFILES[args.profile]
         costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
-    link, probe = _link(args.link_mbps, args.workers, args.collective_us)
+        link = dataclasses.replace(link, sync_us=0.0)
     plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch)
     record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
               "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
@@ -89,7 +95,9 @@ def format_plan(plan: Plan, record: dict) -> str:
     lk = plan.link
     head = (f"{record['model']} {record['image_size']}px, {record['classes']} classes, K={plan.k}, B={plan.batch} per "
             f"worker, {record['threads']} thread(s) per worker, link {f'{lk.gbps * 1e3:.0f}' if lk.gbps else 'unlimited'} "
-            f"Mbit/s + {lk.collective_us:.0f} us per collective ({record['link_probe'].get('kind', 'none')})")
+            f"Mbit/s + {lk.collective_us:.0f} us per collective"
+            + (f" + {lk.sync_us / 1e3:.1f} ms per rendezvous on shared cores" if lk.sync_us else "")
+            + f" ({record['link_probe'].get('kind', 'none')})")
     lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | runnable |",
              "|---|---:|---:|---:|---|---:|---|"]
     for c in plan.candidates:
@@ -130,7 +138,7 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
     data = run_data(cfg)
     threads = cfg.threads or _default_threads(cfg.workers)
     blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
-    probe = loopback_link(cfg.workers)
+    probe = measured_link(cfg.workers, threads)
     plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
                      cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None, cfg.lr_scale,
                      runnable_only=True)

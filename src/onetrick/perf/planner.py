@@ -15,21 +15,17 @@ maths, so it keeps only the hybrid's schemes b and c.
 
 :func:`make_plan` takes compute costs and a link from anywhere (tests use FLOP costs);
 :func:`measured_costs` times this machine's layers (cached per model, batch, image size
-and threads) and :func:`loopback_link` measures gloo between K local workers.
+and threads); :mod:`~onetrick.perf.probe` measures gloo between K local workers.
 """
 from __future__ import annotations
 
-import statistics
-import threading
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from .blocks import Block, describe
 from .costmodel import Link, StepResult, Variant, images_per_step, predict
 from .costs import CostProvider, MeasuredCosts
 
-__all__ = ["Candidate", "Plan", "candidate_variants", "explain", "loopback_link", "make_plan", "measured_costs"]
+__all__ = ["Candidate", "Plan", "candidate_variants", "explain", "make_plan", "measured_costs"]
 
 
 @dataclass
@@ -74,7 +70,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {"workers": self.k, "batch": self.batch,
                 "link": {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
-                         "collective_us": self.link.collective_us},
+                         "collective_us": self.link.collective_us, "sync_us": self.link.sync_us},
                 "choice": self.choice.row(), "reason": self.reason,
                 "candidates": [c.row() for c in self.candidates]}
 
@@ -171,54 +167,3 @@ def measured_costs(model_name: str, classes: int, channels: int, image: int, bat
         blocks = describe(model, image, channels)
         _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model))
     return _COSTS[key]
-
-
-def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
-    """gloo between ``k`` workers on this host, measured in 0.1-0.3 s: ``k`` threads of this
-    process, each a gloo process group over loopback TCP (the transport K local workers
-    use), time a one-float all-reduce and all-gather (the fixed cost of a collective) and
-    an ``nbytes`` all-reduce (bandwidth). Starting K processes, as bench's probe does,
-    would cost seconds of interpreter and torch start-up on each. Returns what
-    :meth:`Link.from_measured` reads."""
-    import torch
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    found: dict[int, dict] = {}
-    errors: list[BaseException] = []
-
-    def worker(rank: int) -> None:
-        try:
-            pg = dist.ProcessGroupGloo(dist.PrefixStore("probe", store), rank, k, timedelta(seconds=60))
-            one, big = torch.zeros(1), torch.ones(max(1, nbytes // 4))
-            outs = [torch.zeros(1) for _ in range(k)]
-            ar, ag, bw = [], [], []
-            for _ in range(11):
-                t0 = time.perf_counter()
-                pg.allreduce([one]).wait()
-                t1 = time.perf_counter()
-                pg.allgather([outs], [one]).wait()
-                ar.append(t1 - t0)
-                ag.append(time.perf_counter() - t1)
-            fixed = statistics.median(ar[1:])
-            pg.allreduce([big]).wait()
-            c0 = time.process_time()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                pg.allreduce([big]).wait()
-                bw.append(2 * (k - 1) / k * big.numel() * 4 / max(1e-9, time.perf_counter() - t0 - fixed))
-            cpu = (time.process_time() - c0) / k / (reps * 2 * (k - 1) / k * big.numel() * 4)   # all k threads
-            found[rank] = {"cpu_us_per_mb": cpu * 1e12, "measured_mbps": statistics.median(bw) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
-                           "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
-                           "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
-        except BaseException as err:   # surfaced in the caller's thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(k)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if errors or 0 not in found:
-        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'timed out'}")
-    return found[0]

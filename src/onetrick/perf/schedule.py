@@ -39,14 +39,15 @@ class WorkerClock:
     """One worker's step: a compute cursor and a FIFO link."""
 
     def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0,
-                 cpu_per_byte: float = 0.0) -> None:
+                 sync_s: float = 0.0, overlap_s_per_byte: float = 0.0) -> None:
         self.k, self.bw, self.lat, self.slow, self.per_coll = k, bw_bytes, latency_s, slow, per_coll_s
-        self.cpu_per_byte = cpu_per_byte
+        self.sync_s, self.overlap_s_per_byte = sync_s, overlap_s_per_byte
         self.t = 0.0
         self.link_free = 0.0
         self.bytes: dict[str, int] = defaultdict(int)
         self.collectives: dict[str, int] = defaultdict(int)
         self.blocking = 0
+        self.rendezvous = 0
         self.comm_s = 0.0
         self.exposed_s = 0.0
         self.compute_s = 0.0
@@ -67,14 +68,19 @@ class WorkerClock:
         if not async_op:
             self.blocking += 1
             self.wait(done)
-        elif self.cpu_per_byte:   # gloo's copies and sums run beside the compute, on the same cores
-            self.compute(sent * self.cpu_per_byte)
+        elif self.overlap_s_per_byte:   # gloo's copies and sums take the cores the compute runs on
+            stolen = sent * self.overlap_s_per_byte   # measured as wall time beside busy workers: not scaled by slow
+            self.t += stolen
+            self.compute_s += stolen
         return done
 
     def wait(self, done: float) -> None:
+        """Block until ``done``: a rendezvous with every peer, which costs ``sync_s`` more
+        where the workers time-share cores (a collective already complete costs nothing)."""
         if done > self.t:
-            self.exposed_s += done - self.t
-            self.t = done
+            self.rendezvous += 1
+            self.exposed_s += done - self.t + self.sync_s
+            self.t = done + self.sync_s
 
 
 def _ddp_buckets(param_sizes: list[int], first: int = DDP_FIRST_BUCKET, cap: int = DDP_BUCKET) -> list[list[int]]:
@@ -198,8 +204,7 @@ def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params
                     works.append(w.coll("weights", "reduce_scatter", padded * FLOAT, async_op=True))
 
     after_backward(ready)
-    for done in works:
-        w.wait(done)
+    w.wait(max(works, default=0.0))
     w.compute(plan.costs.update(average_update))
     for bk in buckets:
         padded = -(-sum(sizes[i] for i in bk) // k) * k
@@ -236,8 +241,7 @@ def _data_ddp(plan: Schedule, w: WorkerClock, B: int) -> None:
     plan.trunk_forward(w, B)
     plan.head_dense(w, B, ready)
     plan.trunk_backward(w, B, ready)
-    for done in works:
-        w.wait(done)
+    w.wait(max(works, default=0.0))
     w.coll("metrics", "all_reduce", 3 * FLOAT)
     w.compute(plan.costs.update(plan.trunk_numel + plan.head_numel))
 

@@ -6,17 +6,21 @@ The bench runs ``single``, ``independent`` and every runnable candidate of
 examples, hybrid a/b/c, FC batch K*B) at each K. Then, per K, the planner plans with
 what it would have had at start-up, plus the bench's own measurements of the machine:
 layer costs timed here (:func:`~onetrick.perf.planner.measured_costs`), the link the
-bench measured between its workers, and the compute slowdown of K workers sharing the
-machine (the ``independent`` row's step over the ``single`` step; without one,
-time-sharing of the cores). Reported per K: the pick's measured step against the best
-measured candidate's, and per row the prediction's error.
+bench measured between its workers, the extra cost of a rendezvous among K busy workers
+(:func:`~onetrick.perf.probe.busy_sync_us`, measured here at each K) and the compute
+slowdown of K workers sharing the machine (the ``independent`` row's step over the
+``single`` step; without one, time-sharing of the cores). Reported per K: the pick's
+measured step against the best measured candidate's, and per row the prediction's error,
+with and without the busy-worker terms (:func:`~onetrick.perf.probe.overlap_us_per_mb`,
+likewise measured here).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from .costmodel import Link
-from .planner import loopback_link, make_plan, measured_costs
+from .costmodel import Link, Variant, predict
+from .planner import make_plan, measured_costs
+from .probe import busy_sync_us, modelled_allreduce_us, overlap_us_per_mb
 
 __all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
 
@@ -31,11 +35,14 @@ def _classes(data: str) -> int:
     return classes(data)
 
 
-def _slow(rows: list[dict], k: int, threads: int, cores: int | None) -> float:
-    single = next((r for r in rows if r["strategy"] == "single"), None)
+def _slow(rows: list[dict], k: int, threads: int, cores: int | None, single_ms: float) -> float:
+    """How much slower the K workers computed during the bench than the layer timings say
+    one worker computes: the ``independent`` row (K workers, no communication) over the
+    predicted one-worker step ``single_ms``. This also takes out the drift of this shared
+    machine's speed between the layer timings and the bench (up to 30% here)."""
     ind = next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k), None)
-    if ind and single:
-        return max(1.0, ind["step_ms"] / single["step_ms"])
+    if ind:
+        return ind["step_ms"] / single_ms
     return max(1.0, k * threads / cores) if cores else 1.0
 
 
@@ -44,18 +51,19 @@ def validate_plan(result: dict) -> dict:
     and measured step ms."""
     batch, threads = result["batch"], result.get("threads", 1)
     blocks, costs = measured_costs(result["model"], _classes(result["data"]), 3, result["image_size"], batch, threads)
-    # the bench's probe measures bandwidth and fixed costs; the CPU gloo spends per byte
-    # (the calibration term) is measured here, in the launcher, by the planner's own probe
-    cpu = loopback_link(2)["cpu_us_per_mb"]
+    # the bench's probe measured bandwidth and fixed costs between its workers; the busy
+    # workers' extra cost per rendezvous is measured here, in the launcher, as the planner does
     bare = Link.from_measured(result.get("link", {}))
-    link = dataclasses.replace(bare, cpu_us_per_mb=cpu)
     cores = result.get("machine", {}).get("cores")
+    single_ms = predict(blocks, costs, Variant("single"), 1, batch).step_s * 1e3
     out = []
     for k in sorted({r["workers"] for r in result["rows"] if r["workers"] > 1}):
         measured = {r["label"]: r for r in result["rows"] if r["workers"] == k and r["strategy"] != "independent"}
         if not measured:
             continue
-        slow = _slow(result["rows"], k, threads, cores)
+        slow = _slow(result["rows"], k, threads, cores, single_ms)
+        link = dataclasses.replace(bare, sync_us=busy_sync_us(k, threads, modelled_allreduce_us(bare, k)),
+                                   overlap_us_per_mb=overlap_us_per_mb(k, threads))
         plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True)
         before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
@@ -65,12 +73,13 @@ def validate_plan(result: dict) -> dict:
                  "measured_step_ms": measured[c.label]["step_ms"],
                  "error": c.result.step_s * 1e3 / measured[c.label]["step_ms"] - 1,
                  "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
-        out.append({"workers": k, "slow": slow, "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
+        out.append({"workers": k, "slow": slow, "sync_us": link.sync_us,
+                    "overlap_us_per_mb": link.overlap_us_per_mb, "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
                     "best": best["label"], "best_measured_ms": best["step_ms"],
                     "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason, "rows": rows})
     every = [r for k in out for r in k["rows"]]
     return {"model": result["model"], "image_size": result["image_size"], "batch": batch, "threads": threads,
-            "link_gbps": link.gbps, "collective_us": link.collective_us, "cpu_us_per_mb": cpu, "per_k": out,
+            "link_gbps": bare.gbps, "collective_us": bare.collective_us, "per_k": out,
             "within_15": sum(abs(r["error"]) <= 0.15 for r in every),
             "within_15_uncalibrated": sum(abs(r["error_uncalibrated"]) <= 0.15 for r in every), "rows": len(every)}
 
@@ -78,19 +87,21 @@ def validate_plan(result: dict) -> dict:
 def plan_report(v: dict) -> str:
     """Markdown: the pick against the best measured at each K, then every row's error."""
     lines = [f"### Planner validation: {v['model']} {v['image_size']}px, B={v['batch']}, {v['threads']} thread(s) per "
-             f"worker, link {v['link_gbps'] or 0:.2f} Gbit/s + {v['collective_us']:.0f} us per collective "
-             f"+ {v['cpu_us_per_mb']:.0f} us of CPU per MB sent", "",
+             f"worker, link {v['link_gbps'] or 0:.2f} Gbit/s + {v['collective_us']:.0f} us per collective; "
+             "busy workers: " + ", ".join(f"K={k['workers']}: {k['sync_us'] / 1e3:.1f} ms per rendezvous, "
+                                          f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped"
+                                          for k in v["per_k"]), "",
              "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
              "|---:|---|---:|---|---:|---:|"]
     for k in v["per_k"]:
         lines.append(f"| {k['workers']} | {k['pick']} | {k['pick_measured_ms']:.1f} | {k['best']} | "
                      f"{k['best_measured_ms']:.1f} | {k['gap']:+.1%} |")
-    lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without gloo's CPU |",
+    lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without the busy-worker terms |",
               "|---:|---|---:|---:|---:|---:|"]
     for k in v["per_k"]:
         for r in k["rows"]:
             lines.append(f"| {k['workers']} | {r['label']} | {r['predicted_step_ms']:.1f} | {r['measured_step_ms']:.1f} | "
                          f"{r['error']:+.1%} | {r['error_uncalibrated']:+.1%} |")
     lines += ["", f"{v['within_15']} of {v['rows']} rows predicted within 15% of the measured step "
-                  f"({v['within_15_uncalibrated']} without gloo's CPU per byte)."]
+                  f"({v['within_15_uncalibrated']} without the busy-worker terms)."]
     return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""gloo between K local workers, measured in a fraction of a second from the launcher.
+
+Both probes run ``k`` threads of this process, each with its own gloo process group over
+loopback TCP (the transport K local workers use); starting K processes, as bench's probe
+does, would cost seconds of interpreter and torch start-up on each.
+
+* :func:`loopback_link`: the idle link: a one-float all-reduce and all-gather (the fixed
+  cost of a collective) and an 8 MB all-reduce (bandwidth).
+* :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
+  sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
+  copies and sums run on the workers' cores (0.5-1 ms per MB here).
+* :func:`busy_sync_us`: what a *blocking* collective costs on top of that while the
+  workers are busy computing. A worker that waits gives up its core; the collective
+  completes only when every peer, and gloo's threads in each, has had a core to take its
+  turn in the ring. On two cores that is about 2 ms per blocking collective at K=2 and
+  5-7 ms at K=4 (four workers time-sharing two cores), against 0.3-0.4 ms idle; it is
+  why scheme (b), with a dozen rendezvous per step, ran 30-40% slower than the idle link
+  predicted.
+
+Both return what :meth:`~onetrick.perf.costmodel.Link.from_measured` reads.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+__all__ = ["busy_sync_us", "loopback_link", "measured_link", "modelled_allreduce_us", "overlap_us_per_mb"]
+
+BUSY_BYTES = 256 * 2**10   # a blocking exchange of activations: 32 rows x 2048 floats
+
+
+def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, dict]:
+    """``fn(rank, group)`` in ``k`` threads, each with a gloo group of its own; rank -> result."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    found: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            found[rank] = fn(rank, dist.ProcessGroupGloo(dist.PrefixStore(name, store), rank, k, timedelta(seconds=60)))
+        except BaseException as err:   # surfaced in the caller's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors or len(found) < k:
+        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'timed out'}")
+    return found
+
+
+def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
+    """The idle link between ``k`` local workers, in 0.1-0.3 s: the median time of a
+    one-float all-reduce and all-gather, and the bandwidth of an ``nbytes`` all-reduce."""
+
+    def measure(rank: int, pg) -> dict:
+        one, big = torch.zeros(1), torch.ones(max(1, nbytes // 4))
+        outs = [torch.zeros(1) for _ in range(k)]
+        ar, ag, bw = [], [], []
+        for _ in range(11):
+            t0 = time.perf_counter()
+            pg.allreduce([one]).wait()
+            t1 = time.perf_counter()
+            pg.allgather([outs], [one]).wait()
+            ar.append(t1 - t0)
+            ag.append(time.perf_counter() - t1)
+        fixed = statistics.median(ar[1:])
+        pg.allreduce([big]).wait()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pg.allreduce([big]).wait()
+            bw.append(2 * (k - 1) / k * big.numel() * 4 / max(1e-9, time.perf_counter() - t0 - fixed))
+        return {"measured_mbps": statistics.median(bw) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
+                "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
+                "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
+
+    return _in_threads(k, measure, "probe")[0]
+
+
+class _Busy:
+    """K threads of ``threads`` torch threads each, computing chunks of about ``chunk_s``
+    (matrix multiplies) as a worker computes between collectives."""
+
+    def __init__(self, threads: int, chunk_s: float = 0.002) -> None:
+        self.threads = threads
+        self.a = torch.randn(256, 256)
+        with self:
+            t0 = time.perf_counter()
+            for _ in range(10):
+                self.a @ self.a
+            self.per = max(1, round(chunk_s / ((time.perf_counter() - t0) / 10)))
+
+    def __enter__(self) -> _Busy:
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.old)
+
+    def chunk(self, x: torch.Tensor) -> None:
+        for _ in range(self.per):
+            x @ x
+
+
+def busy_sync_us(k: int, threads: int = 1, idle_us: float = 0.0, count: int = 24, repeats: int = 5) -> float:
+    """Microseconds a blocking collective costs beyond ``idle_us`` (what the idle link
+    model charges for it) when ``k`` workers of ``threads`` threads compute between
+    collectives on this machine's cores. Each of ``k`` threads runs ``count`` compute chunks,
+    alone and then each followed by a blocking all-reduce of ``BUSY_BYTES``: the slowest
+    thread's extra time per collective, median of ``repeats``."""
+    busy = _Busy(threads)
+
+    def measure(rank: int, pg) -> dict:
+        x, msg = busy.a.clone(), torch.zeros(BUSY_BYTES // 4)
+
+        def run(sync: bool) -> float:
+            pg.allreduce([msg]).wait()   # start together
+            t = time.perf_counter()
+            for _ in range(count):
+                busy.chunk(x)
+                if sync:
+                    pg.allreduce([msg]).wait()
+            return time.perf_counter() - t
+
+        run(True)   # warm up the connections and the buffers
+        return {"alone": run(False), "synced": run(True)}
+
+    extra = []
+    with busy:
+        for r in range(repeats):
+            found = _in_threads(k, measure, f"busy{r}").values()
+            extra.append((max(f["synced"] for f in found) - max(f["alone"] for f in found)) / count)
+    return max(0.0, statistics.median(extra) * 1e6 - idle_us)
+
+
+def overlap_us_per_mb(k: int, threads: int = 1, nbytes: int = 8 * 2**20, count: int = 10, repeats: int = 5) -> float:
+    """Wall microseconds an asynchronous collective adds to the compute running beside it,
+    per MB one worker sends: gloo's copies and sums take CPU from the same cores. Each of
+    ``k`` threads computes ``count`` chunks, alone and then with an ``nbytes`` all-reduce
+    in flight; the mean extra compute time over the bytes sent, median of ``repeats``."""
+    busy = _Busy(threads)
+    sent_mb = 2 * (k - 1) / k * nbytes / 1e6
+
+    def measure(rank: int, pg) -> dict:
+        x, msg, one = busy.a.clone(), torch.ones(nbytes // 4), torch.zeros(1)
+
+        def run(comm: bool) -> float:
+            pg.allreduce([one]).wait()   # start together
+            t = time.perf_counter()
+            work = pg.allreduce([msg]) if comm else None
+            for _ in range(count):
+                busy.chunk(x)
+            spent = time.perf_counter() - t
+            if work is not None:
+                work.wait()
+            return spent
+
+        run(True)   # warm up the connections and the buffers
+        return {"alone": run(False), "overlap": run(True)}
+
+    extra = []
+    with busy:
+        for r in range(repeats):
+            found = list(_in_threads(k, measure, f"overlap{r}").values())
+            extra.append(statistics.mean(f["overlap"] - f["alone"] for f in found) / sent_mb)
+    return max(0.0, statistics.median(extra) * 1e6)
+
+
+def measured_link(k: int, threads: int = 1) -> dict:
+    """The idle link (:func:`loopback_link`) plus what busy workers pay on top of it:
+    ``sync_us`` per blocking collective (:func:`busy_sync_us`) and
+    ``overlap_us_per_mb`` of compute per MB an overlapped collective sends
+    (:func:`overlap_us_per_mb`)."""
+    from .costmodel import Link
+
+    link = loopback_link(k)
+    return {**link, "sync_us": busy_sync_us(k, threads, modelled_allreduce_us(Link.from_measured(link), k)),
+            "overlap_us_per_mb": overlap_us_per_mb(k, threads), "threads": threads}
+
+
+def modelled_allreduce_us(link, k: int, nbytes: int = BUSY_BYTES) -> float:
+    """What the cost model charges an idle ``link`` (a :class:`~onetrick.perf.costmodel.Link`)
+    for a blocking all-reduce of ``nbytes`` among ``k`` workers, in microseconds."""
+    wire = 2 * (k - 1) / k * nbytes / (link.gbps * 1e3 / 8) if link.gbps else 0.0   # bytes / (bytes per us)
+    return link.collective_us + link.latency_us * 2 * (k - 1) + wire
