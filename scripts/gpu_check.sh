@@ -21,7 +21,8 @@ status=0
 { date; nvidia-smi 2>&1 | head -15; $py -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } \
   > "$out/env.txt" 2>&1
 # 1. the gpu tests (about 2 minutes; limits below add up to under 8 minutes)
-timeout 180 $py -m pytest -q $tests tests/test_precision.py tests/test_step_sync.py -p no:cacheprovider \
+# -o addopts: the GPU machine's pytest may lack pytest-xdist (pyproject's -n 2) and needs no parallelism
+timeout 180 $py -m pytest -q -o addopts=-ra $tests tests/test_precision.py tests/test_step_sync.py -p no:cacheprovider \
   > "$out/pytest-gpu.txt" 2>&1 || status=1
 tail -3 "$out/pytest-gpu.txt"
 # 2. one-GPU bench rows: single vs the plain loop, fp32 and bf16; every strategy at world size 1

@@ -91,9 +91,10 @@ def test_resume_with_another_model_is_rejected(tmp_path):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("strategy", [["--strategy", "data"], ["--strategy", "model"],
-                                      ["--strategy", "hybrid", "--scheme", "b", "--fc-batch", "worker"]],
-                         ids=["data", "model", "hybrid-b-worker"])
+@pytest.mark.parametrize("strategy", [  # data and model: their steps equal the reference's (test_equivalence)
+    pytest.param(["--strategy", "data"], marks=pytest.mark.slow, id="data"),
+    pytest.param(["--strategy", "model"], marks=pytest.mark.slow, id="model"),
+    pytest.param(["--strategy", "hybrid", "--scheme", "b", "--fc-batch", "worker"], id="hybrid-b-worker")])
 def test_two_workers_train_the_default_network(tmp_path, strategy):
     """K=2 from the command line, 3 epochs of the bundled digits: real accuracy."""
     batch = "32" if strategy[1] == "model" else "16"   # model parallel: both workers see the batch
@@ -138,7 +139,8 @@ def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
 @pytest.mark.timeout(400)
 def test_hybrid_with_a_cut_trains_the_default_network(tmp_path):
     """--cut 1: fc6 data-parallel with the trunk, fc7 and the classifier sharded; real accuracy."""
-    result = onetrick("train", "--workers", "2", "--strategy", "hybrid", "--cut", "1", "--epochs", "3", "--batch", "16",
+    result = onetrick("train", "--workers", "2", "--strategy", "hybrid", "--scheme", "a", "--cut", "1", "--epochs", "3",
+                      "--batch", "16",
                       "--out", tmp_path, *FAST, timeout=380)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -45,14 +45,16 @@ def add_parser(sub) -> None:
 
 
 def _link(value: str, k: int, collective_us: float, threads: int) -> tuple[Link, dict]:
-    """The link the plan assumes and what was measured of it. A given bandwidth keeps the
-    busy workers' extra cost per rendezvous measured here: it comes from sharing cores."""
+    """The link the plan assumes and what was measured of it. A given bandwidth keeps what
+    the probe measured of this machine's cores and of gloo (the busy workers' terms, each
+    op's share of the bandwidth)."""
     probe = measured_link(k, threads) if k > 1 else {}
     if value == "measured":
         return Link.from_measured(probe), probe
     mbps = link_mbps(value, "measured")
-    sync = probe.get("sync_us", 0.0)
-    return Link(mbps / 1e3, 0.0, collective_us, sync), {"kind": "given", "measured_mbps": mbps, "sync_us": sync}
+    here = dataclasses.replace(Link.from_measured(probe), gbps=mbps / 1e3, latency_us=0.0, collective_us=collective_us)
+    return here, {"kind": "given", "measured_mbps": mbps, "sync_us": here.sync_us,
+                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor}
 
 
 def _slow(k: int, threads: int) -> float:

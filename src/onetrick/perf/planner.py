@@ -70,7 +70,8 @@ class Plan:
     def as_dict(self) -> dict:
         return {"workers": self.k, "batch": self.batch,
                 "link": {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
-                         "collective_us": self.link.collective_us, "sync_us": self.link.sync_us},
+                         "collective_us": self.link.collective_us, "sync_us": self.link.sync_us,
+                         "overlap_us_per_mb": self.link.overlap_us_per_mb, "op_factor": self.link.op_factor},
                 "choice": self.choice.row(), "reason": self.reason,
                 "candidates": [c.row() for c in self.candidates]}
 

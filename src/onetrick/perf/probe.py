@@ -5,7 +5,9 @@ loopback TCP (the transport K local workers use); starting K processes, as bench
 does, would cost seconds of interpreter and torch start-up on each.
 
 * :func:`loopback_link`: the idle link: a one-float all-reduce and all-gather (the fixed
-  cost of a collective) and an 8 MB all-reduce (bandwidth).
+  cost of a collective), a 32 MB all-reduce (bandwidth: the size of a gradient bucket),
+  and how much slower gloo's
+  reduce-scatter and all-gather move the same bytes.
 * :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
   sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
   copies and sums run on the workers' cores (0.5-1 ms per MB here).
@@ -59,14 +61,18 @@ def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, 
     return found
 
 
-def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
-    """The idle link between ``k`` local workers, in 0.1-0.3 s: the median time of a
-    one-float all-reduce and all-gather, and the bandwidth of an ``nbytes`` all-reduce."""
+def loopback_link(k: int, nbytes: int = 32 * 2**20, reps: int = 3) -> dict:
+    """The idle link between ``k`` local workers, in 0.5-2 s: the median time of a
+    one-float all-reduce and all-gather (the fixed cost of a collective), the bandwidth of
+    an ``nbytes`` all-reduce, and ``op_factor``: the bandwidth a reduce-scatter and an
+    all-gather of the same size reach per byte comm.py counts, as a fraction of the
+    all-reduce's (gloo's are slower: 0.3-0.4 of it here)."""
 
     def measure(rank: int, pg) -> dict:
-        one, big = torch.zeros(1), torch.ones(max(1, nbytes // 4))
+        one, big = torch.zeros(1), torch.ones(max(k, nbytes // 4 // k * k))
+        shard, full = torch.zeros(big.numel() // k), torch.zeros(big.numel())
         outs = [torch.zeros(1) for _ in range(k)]
-        ar, ag, bw = [], [], []
+        ar, ag = [], []
         for _ in range(11):
             t0 = time.perf_counter()
             pg.allreduce([one]).wait()
@@ -75,13 +81,22 @@ def loopback_link(k: int, nbytes: int = 8 * 2**20, reps: int = 3) -> dict:
             ar.append(t1 - t0)
             ag.append(time.perf_counter() - t1)
         fixed = statistics.median(ar[1:])
-        pg.allreduce([big]).wait()
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            pg.allreduce([big]).wait()
-            bw.append(2 * (k - 1) / k * big.numel() * 4 / max(1e-9, time.perf_counter() - t0 - fixed))
-        return {"measured_mbps": statistics.median(bw) * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
+        frac, size = (k - 1) / k, big.numel() * 4
+        ops = {"all_reduce": (lambda: pg.allreduce([big]).wait(), 2 * frac * size),
+               "reduce_scatter": (lambda: pg._reduce_scatter_base(shard, big).wait(), frac * size),
+               "all_gather": (lambda: pg._allgather_base(full, shard).wait(), frac * size)}
+        bw = {}
+        for op, (run, sent) in ops.items():
+            run()
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            bw[op] = sent / max(1e-9, statistics.median(times) - fixed)   # bytes per second
+        return {"measured_mbps": bw["all_reduce"] * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
                 "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
+                "op_factor": {op: bw[op] / bw["all_reduce"] for op in ("reduce_scatter", "all_gather")},
                 "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
 
     return _in_threads(k, measure, "probe")[0]

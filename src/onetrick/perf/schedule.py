@@ -39,9 +39,9 @@ class WorkerClock:
     """One worker's step: a compute cursor and a FIFO link."""
 
     def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0,
-                 sync_s: float = 0.0, overlap_s_per_byte: float = 0.0) -> None:
+                 sync_s: float = 0.0, overlap_s_per_byte: float = 0.0, op_factor: dict[str, float] | None = None) -> None:
         self.k, self.bw, self.lat, self.slow, self.per_coll = k, bw_bytes, latency_s, slow, per_coll_s
-        self.sync_s, self.overlap_s_per_byte = sync_s, overlap_s_per_byte
+        self.sync_s, self.overlap_s_per_byte, self.op_factor = sync_s, overlap_s_per_byte, op_factor or {}
         self.t = 0.0
         self.link_free = 0.0
         self.bytes: dict[str, int] = defaultdict(int)
@@ -60,7 +60,8 @@ class WorkerClock:
         sent = _sent(op, self.k, nbytes)
         self.bytes[tag] += sent
         self.collectives[op] += 1
-        duration = self.per_coll + self.lat * _messages(op, self.k) + (sent / self.bw if self.bw else 0.0)
+        bw = self.bw * self.op_factor.get(op, 1.0)
+        duration = self.per_coll + self.lat * _messages(op, self.k) + (sent / bw if bw else 0.0)
         start = max(self.t, self.link_free)
         self.link_free = start + duration
         self.comm_s += duration

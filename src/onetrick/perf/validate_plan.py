@@ -4,15 +4,14 @@ against the planner's pick.
 The bench runs ``single``, ``independent`` and every runnable candidate of
 :func:`~onetrick.perf.planner.candidate_variants` (data/ddp, data/sharded, model at K*B
 examples, hybrid a/b/c, FC batch K*B) at each K. Then, per K, the planner plans with
-what it would have had at start-up, plus the bench's own measurements of the machine:
-layer costs timed here (:func:`~onetrick.perf.planner.measured_costs`), the link the
-bench measured between its workers, the extra cost of a rendezvous among K busy workers
-(:func:`~onetrick.perf.probe.busy_sync_us`, measured here at each K) and the compute
-slowdown of K workers sharing the machine (the ``independent`` row's step over the
-``single`` step; without one, time-sharing of the cores). Reported per K: the pick's
-measured step against the best measured candidate's, and per row the prediction's error,
-with and without the busy-worker terms (:func:`~onetrick.perf.probe.overlap_us_per_mb`,
-likewise measured here).
+what it would have at start-up: layer costs timed here
+(:func:`~onetrick.perf.planner.measured_costs`) and the link between K workers measured
+here (:func:`~onetrick.perf.probe.measured_link`: the idle link, each op's bandwidth, the
+busy workers' cost per rendezvous and per MB overlapped); plus, from the bench, the
+compute slowdown of K workers sharing the machine (the ``independent`` row's step over
+the predicted ``single`` step; without one, time-sharing of the cores). Reported per K:
+the pick's measured step against the best measured candidate's, and per row the
+prediction's error, with and without the probe's busy-worker and per-op terms.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import dataclasses
 
 from .costmodel import Link, Variant, predict
 from .planner import make_plan, measured_costs
-from .probe import busy_sync_us, modelled_allreduce_us, overlap_us_per_mb
+from .probe import measured_link
 
 __all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
 
@@ -51,9 +50,6 @@ def validate_plan(result: dict) -> dict:
     and measured step ms."""
     batch, threads = result["batch"], result.get("threads", 1)
     blocks, costs = measured_costs(result["model"], _classes(result["data"]), 3, result["image_size"], batch, threads)
-    # the bench's probe measured bandwidth and fixed costs between its workers; the busy
-    # workers' extra cost per rendezvous is measured here, in the launcher, as the planner does
-    bare = Link.from_measured(result.get("link", {}))
     cores = result.get("machine", {}).get("cores")
     single_ms = predict(blocks, costs, Variant("single"), 1, batch).step_s * 1e3
     out = []
@@ -62,8 +58,9 @@ def validate_plan(result: dict) -> dict:
         if not measured:
             continue
         slow = _slow(result["rows"], k, threads, cores, single_ms)
-        link = dataclasses.replace(bare, sync_us=busy_sync_us(k, threads, modelled_allreduce_us(bare, k)),
-                                   overlap_us_per_mb=overlap_us_per_mb(k, threads))
+        probe = measured_link(k, threads)   # what train --strategy auto measures at start-up
+        link = Link.from_measured(probe)
+        bare = dataclasses.replace(link, sync_us=0.0, overlap_us_per_mb=0.0, op_factor={})
         plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True)
         before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
@@ -73,35 +70,36 @@ def validate_plan(result: dict) -> dict:
                  "measured_step_ms": measured[c.label]["step_ms"],
                  "error": c.result.step_s * 1e3 / measured[c.label]["step_ms"] - 1,
                  "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
-        out.append({"workers": k, "slow": slow, "sync_us": link.sync_us,
-                    "overlap_us_per_mb": link.overlap_us_per_mb, "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
+        out.append({"workers": k, "slow": slow, "link_gbps": link.gbps, "collective_us": link.collective_us,
+                    "sync_us": link.sync_us, "overlap_us_per_mb": link.overlap_us_per_mb, "op_factor": link.op_factor,
+                    "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
                     "best": best["label"], "best_measured_ms": best["step_ms"],
                     "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason, "rows": rows})
     every = [r for k in out for r in k["rows"]]
     return {"model": result["model"], "image_size": result["image_size"], "batch": batch, "threads": threads,
-            "link_gbps": bare.gbps, "collective_us": bare.collective_us, "per_k": out,
-            "within_15": sum(abs(r["error"]) <= 0.15 for r in every),
+            "per_k": out, "within_15": sum(abs(r["error"]) <= 0.15 for r in every),
             "within_15_uncalibrated": sum(abs(r["error_uncalibrated"]) <= 0.15 for r in every), "rows": len(every)}
 
 
 def plan_report(v: dict) -> str:
     """Markdown: the pick against the best measured at each K, then every row's error."""
     lines = [f"### Planner validation: {v['model']} {v['image_size']}px, B={v['batch']}, {v['threads']} thread(s) per "
-             f"worker, link {v['link_gbps'] or 0:.2f} Gbit/s + {v['collective_us']:.0f} us per collective; "
-             "busy workers: " + ", ".join(f"K={k['workers']}: {k['sync_us'] / 1e3:.1f} ms per rendezvous, "
-                                          f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped"
-                                          for k in v["per_k"]), "",
+             "worker", "", "Measured in the launcher at each K, as `train --strategy auto` does: "
+             + "; ".join(f"K={k['workers']}: all-reduce {k['link_gbps'] or 0:.1f} Gbit/s + {k['collective_us']:.0f} us, "
+                         + ", ".join(f"{op} {f:.2f}x its bandwidth" for op, f in k["op_factor"].items())
+                         + f", {k['sync_us'] / 1e3:.1f} ms per rendezvous among busy workers, "
+                         f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped" for k in v["per_k"]) + ".", "",
              "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
              "|---:|---|---:|---|---:|---:|"]
     for k in v["per_k"]:
         lines.append(f"| {k['workers']} | {k['pick']} | {k['pick_measured_ms']:.1f} | {k['best']} | "
                      f"{k['best_measured_ms']:.1f} | {k['gap']:+.1%} |")
-    lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without the busy-worker terms |",
+    lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without the measured terms |",
               "|---:|---|---:|---:|---:|---:|"]
     for k in v["per_k"]:
         for r in k["rows"]:
             lines.append(f"| {k['workers']} | {r['label']} | {r['predicted_step_ms']:.1f} | {r['measured_step_ms']:.1f} | "
                          f"{r['error']:+.1%} | {r['error_uncalibrated']:+.1%} |")
     lines += ["", f"{v['within_15']} of {v['rows']} rows predicted within 15% of the measured step "
-                  f"({v['within_15_uncalibrated']} without the busy-worker terms)."]
+                  f"({v['within_15_uncalibrated']} without the measured terms)."]
     return "\n".join(lines)
