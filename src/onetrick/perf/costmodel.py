@@ -33,6 +33,7 @@ overheads between layers are not modelled.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -41,8 +42,8 @@ from .blocks import Block
 from .costs import CostProvider, ZeroCosts
 from .schedule import ACT_TAG, HEAD_TAG, Schedule, WorkerClock, walk_step
 
-__all__ = ["ACT_TAG", "HEAD_TAG", "STRATEGY_VARIANTS", "Link", "StepResult", "Variant", "images_per_step",
-           "predict", "step_bytes", "sweep", "variant_label"]
+__all__ = ["ACT_TAG", "HEAD_TAG", "STRATEGY_VARIANTS", "Link", "StepResult", "Variant", "collective_s",
+           "images_per_step", "predict", "step_bytes", "sweep", "variant_label"]
 
 
 def variant_label(strategy: str, sync: str | None = None, scheme: str | None = None, fc_batch: str = "full",
@@ -113,6 +114,12 @@ class Link:
             return cls(gbps, 0.0, statistics.mean(coll.values()), **busy)
         return cls(gbps, link.get("latency_us") or 0.0, 0.0, **busy)
 
+    def idle(self) -> Link:
+        """This link without what the probe measured of busy workers and of gloo's ops
+        (``sync_us``, ``overlap_us_per_mb``, ``op_factor``): bandwidth, latency and fixed
+        cost only."""
+        return dataclasses.replace(self, sync_us=0.0, overlap_us_per_mb=0.0, op_factor={})
+
 
 @dataclass
 class StepResult:
@@ -151,14 +158,25 @@ def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, 
     what is not modelled (tower-parallel model parallelism, an unknown strategy, a cut
     outside the head)."""
     plan = Schedule(blocks, costs, k, variant.cut if variant.strategy == "hybrid" else 0)
-    bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
-    w = WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.sync_us * 1e-6,
-                    link.overlap_us_per_mb * 1e-12, link.op_factor)
+    w = _clock(link, k, slow)
     w.compute(costs.overhead(batch))
     walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
     comm = w.comm_s
     return StepResult(w.t, w.compute_s, comm, w.exposed_s, (1.0 - min(1.0, w.exposed_s / comm)) if comm > 0 else None,
                       dict(w.bytes), dict(w.collectives), w.blocking, w.rendezvous)
+
+
+def _clock(link: Link, k: int, slow: float = 1.0) -> WorkerClock:
+    """A worker's clock over ``link`` (seconds and bytes, as WorkerClock takes them)."""
+    bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
+    return WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.sync_us * 1e-6,
+                       link.overlap_us_per_mb * 1e-12, link.op_factor)
+
+
+def collective_s(link: Link, k: int, op: str, nbytes: int) -> float:
+    """Seconds one synchronous ``op`` on a tensor of ``nbytes`` costs a worker over ``link``
+    when nothing else is on it, as :func:`predict` charges it."""
+    return _clock(link, k).coll("probe", op, nbytes)
 
 
 def step_bytes(blocks: list[Block], variant: Variant, k: int, batch: int) -> dict[str, int]:

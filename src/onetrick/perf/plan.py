@@ -19,7 +19,7 @@ from ..config import FC_BATCHES, ConfigError, TrainConfig
 from .costmodel import Link
 from .costs import PROFILES, FlopCosts
 from .planner import Plan, make_plan, measured_costs
-from .probe import measured_link
+from .probe import loopback_link, measured_link
 
 __all__ = ["add_parser", "cmd_plan", "format_plan", "resolve_auto"]
 
@@ -44,13 +44,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _link(value: str, k: int, collective_us: float, threads: int) -> tuple[Link, dict]:
-    """The link the plan assumes and what was measured of it. A given bandwidth keeps what
-    the probe measured of this machine's cores and of gloo (the busy workers' terms, each
-    op's share of the bandwidth)."""
-    probe = measured_link(k, threads) if k > 1 else {}
+def _link(value: str, k: int, collective_us: float, threads: int, this_cpu: bool) -> tuple[Link, dict]:
+    """The link the plan assumes and what was measured of it. For workers on this
+    machine's CPU the probe also measures what they pay as busy workers and each gloo op's
+    bandwidth, and a given bandwidth keeps those terms; for a GPU profile only the idle
+    link is probed (and only when it is not given)."""
+    if k == 1:
+        probe = {}
+    elif this_cpu:
+        probe = measured_link(k, threads)
+    else:
+        probe = loopback_link(k) if value == "measured" else {}
     if value == "measured":
-        return Link.from_measured(probe), probe
+        link = Link.from_measured(probe)
+        return (link if this_cpu else link.idle()), probe
     mbps = link_mbps(value, "measured")
     here = dataclasses.replace(Link.from_measured(probe), gbps=mbps / 1e3, latency_us=0.0, collective_us=collective_us)
     return here, {"kind": "given", "measured_mbps": mbps, "sync_us": here.sync_us,
@@ -80,11 +87,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     threads = args.threads or _default_threads(args.workers)
     blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
     slow = _slow(args.workers, threads)
-    link, probe = _link(args.link_mbps, args.workers, args.collective_us, threads)
+    link, probe = _link(args.link_mbps, args.workers, args.collective_us, threads, args.profile == "this-cpu")
     if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
         prof = PROFILES[args.profile]
         costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
-        link = dataclasses.replace(link, sync_us=0.0)
     plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch)
     record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
               "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}

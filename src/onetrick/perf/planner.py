@@ -19,6 +19,7 @@ and threads); :mod:`~onetrick.perf.probe` measures gloo between K local workers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .blocks import Block, describe
@@ -69,9 +70,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"workers": self.k, "batch": self.batch,
-                "link": {"gbps": self.link.gbps, "latency_us": self.link.latency_us,
-                         "collective_us": self.link.collective_us, "sync_us": self.link.sync_us,
-                         "overlap_us_per_mb": self.link.overlap_us_per_mb, "op_factor": self.link.op_factor},
+                "link": dataclasses.asdict(self.link),
                 "choice": self.choice.row(), "reason": self.reason,
                 "candidates": [c.row() for c in self.candidates]}
 

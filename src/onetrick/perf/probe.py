@@ -1,6 +1,6 @@
-"""gloo between K local workers, measured in a fraction of a second from the launcher.
+"""gloo between K local workers, measured in a few seconds from the launcher.
 
-Both probes run ``k`` threads of this process, each with its own gloo process group over
+Every probe runs ``k`` threads of this process, each with its own gloo process group over
 loopback TCP (the transport K local workers use); starting K processes, as bench's probe
 does, would cost seconds of interpreter and torch start-up on each.
 
@@ -10,7 +10,7 @@ does, would cost seconds of interpreter and torch start-up on each.
   reduce-scatter and all-gather move the same bytes.
 * :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
   sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
-  copies and sums run on the workers' cores (0.5-1 ms per MB here).
+  copies and sums run on the workers' cores (0.7-1.3 ms per MB here).
 * :func:`busy_sync_us`: what a *blocking* collective costs on top of that while the
   workers are busy computing. A worker that waits gives up its core; the collective
   completes only when every peer, and gloo's threads in each, has had a core to take its
@@ -19,7 +19,8 @@ does, would cost seconds of interpreter and torch start-up on each.
   why scheme (b), with a dozen rendezvous per step, ran 30-40% slower than the idle link
   predicted.
 
-Both return what :meth:`~onetrick.perf.costmodel.Link.from_measured` reads.
+:func:`measured_link` runs all three and returns what
+:meth:`~onetrick.perf.costmodel.Link.from_measured` reads.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["busy_sync_us", "loopback_link", "measured_link", "modelled_allreduce_us", "overlap_us_per_mb"]
+__all__ = ["busy_sync_us", "loopback_link", "measured_link", "overlap_us_per_mb"]
 
 BUSY_BYTES = 256 * 2**10   # a blocking exchange of activations: 32 rows x 2048 floats
 
@@ -197,15 +198,9 @@ def measured_link(k: int, threads: int = 1) -> dict:
     ``sync_us`` per blocking collective (:func:`busy_sync_us`) and
     ``overlap_us_per_mb`` of compute per MB an overlapped collective sends
     (:func:`overlap_us_per_mb`)."""
-    from .costmodel import Link
+    from .costmodel import Link, collective_s
 
     link = loopback_link(k)
-    return {**link, "sync_us": busy_sync_us(k, threads, modelled_allreduce_us(Link.from_measured(link), k)),
-            "overlap_us_per_mb": overlap_us_per_mb(k, threads), "threads": threads}
-
-
-def modelled_allreduce_us(link, k: int, nbytes: int = BUSY_BYTES) -> float:
-    """What the cost model charges an idle ``link`` (a :class:`~onetrick.perf.costmodel.Link`)
-    for a blocking all-reduce of ``nbytes`` among ``k`` workers, in microseconds."""
-    wire = 2 * (k - 1) / k * nbytes / (link.gbps * 1e3 / 8) if link.gbps else 0.0   # bytes / (bytes per us)
-    return link.collective_us + link.latency_us * 2 * (k - 1) + wire
+    idle_us = collective_s(Link.from_measured(link).idle(), k, "all_reduce", BUSY_BYTES) * 1e6
+    return {**link, "sync_us": busy_sync_us(k, threads, idle_us), "overlap_us_per_mb": overlap_us_per_mb(k, threads),
+            "threads": threads}

@@ -15,8 +15,6 @@ prediction's error, with and without the probe's busy-worker and per-op terms.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from .costmodel import Link, Variant, predict
 from .planner import make_plan, measured_costs
 from .probe import measured_link
@@ -60,7 +58,7 @@ def validate_plan(result: dict) -> dict:
         slow = _slow(result["rows"], k, threads, cores, single_ms)
         probe = measured_link(k, threads)   # what train --strategy auto measures at start-up
         link = Link.from_measured(probe)
-        bare = dataclasses.replace(link, sync_us=0.0, overlap_us_per_mb=0.0, op_factor={})
+        bare = link.idle()
         plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True)
         before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
