@@ -325,7 +325,7 @@ def test_torchvision_models_split_at_features_and_classifier(name):
 
 @pytest.mark.parametrize("spec, size, message", [
     ("torchvision:nope", None, "unknown torchvision model 'nope'"),
-    ("torchvision:resnet18", None, "torchvision:resnet18 has no `features` and `classifier`"),
+    ("torchvision:squeezenet1_0", None, "torchvision:squeezenet1_0 has no nn.Linear classifier"),
     ("torchvision:alexnet", 32, "torchvision:alexnet does not run on 32x32 images"),
     ("resnet", None, "unknown model 'resnet'"),
 ])

@@ -202,21 +202,42 @@ def torchvision_steps(rt, cfg, name: str, runs: list[dict], steps: int, b: int, 
         own = slice(strategy.data_rank * b, (strategy.data_rank + 1) * b) if strategy.data_world > 1 else slice(None)
         for x, y in image_batches(steps, rt.world, b, image):
             strategy.train_step(x[own], y[own])
+        strategy.set_training(False)  # as before evaluation: BatchNorm's running statistics become worker 0's
         results[i] = sampled(strategy.full_state_dict(), stride)
         del strategy
     return results
 
 
-def torchvision_reference(cfg: TrainConfig, name: str, steps: int, k: int, b: int, image: int, stride: int) -> dict:
-    """One process, batch K*B, plain PyTorch on torchvision's NAME."""
+def torchvision_reference(cfg: TrainConfig, name: str, steps: int, k: int, b: int, image: int, stride: int,
+                          per_worker_bn: bool = False) -> dict:
+    """One process, batch K*B, plain PyTorch on torchvision's NAME.
+
+    ``per_worker_bn``: what data parallelism computes for a trunk with BatchNorm. The
+    trunk runs on each worker's B rows separately (each normalised by its own batch's
+    statistics), the head on all K*B rows, one loss over all of them; the running
+    statistics follow worker 0's rows alone (momentum 0 for the others leaves them as they
+    were), as the strategies keep worker 0's."""
     from onetrick.models import build_model
 
     torch.manual_seed(0)
     model = build_model(f"torchvision:{name}", num_classes=CLASSES, dropout=0.0)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     opt = model_sgd(model, cfg, cfg.lr)
     for x, y in image_batches(steps, k, b, image):
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        if per_worker_bn:
+            feats = []
+            for r in range(k):
+                for m in norms:
+                    m.momentum = 0.1 if r == 0 else 0.0
+                feats.append(model.features(x[r * b:(r + 1) * b]))
+                if r:  # worker 0's count, too
+                    for m in norms:
+                        m.num_batches_tracked -= 1
+            logits = model.head(torch.cat(feats))
+        else:
+            logits = model(x)
+        F.cross_entropy(logits, y).backward()
         opt.step()
     return sampled(model.state_dict(), stride)
 
@@ -273,3 +294,17 @@ def step_host_reads(rt, cfg, runs: list[dict], b: int) -> dict:
         results[i] = {"step_reads": during_steps.count, "read_reads": during_read.count, "seen": seen,
                       "skipped": skipped, "clean": clean.full_state_dict()}
     return results
+
+
+def warmup_rates(rt, cfg, steps_per_epoch: int, at: list[int]) -> dict:
+    """The rate of every parameter group of every optimizer of ``cfg``'s strategy on the
+    tiny model, at each step of ``at`` (0-based), as the training loop sets it."""
+    from onetrick.recipe import schedule_factor, set_lr, warmup_progress
+
+    strategy = parallelize(tiny_model(), cfg, rt)
+    total = 4 * steps_per_epoch
+    rates = {}
+    for step in at:
+        set_lr(strategy.optimizers(), schedule_factor(cfg, step, total), warmup_progress(cfg, step, steps_per_epoch))
+        rates[step] = [[(g["name"], g["lr"]) for g in opt.param_groups] for opt in strategy.optimizers()]
+    return rates

@@ -81,7 +81,8 @@ def add_train_parser(sub) -> None:
     """Define ``onetrick train``."""
     p = sub.add_parser("train", help="train a network (defaults: the small network on the bundled digits, one worker)")
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012 | torchvision:NAME (alexnet, vgg11, vgg16, ...: untrained)")
+    g.add_argument("--model", default=D.model, help="smallnet | alexnet | alexnet2012 | torchvision:NAME (any torchvision classifier, untrained: "
+                        "resnet18, resnet50, convnext_tiny, efficientnet_b0, mobilenet_v3_small, regnet_y_400mf, vgg16, ...)")
     g.add_argument("--data", default=D.data, help=DATA_HELP)
     g.add_argument("--train-examples", type=int, default=None, metavar="N",
                    help="train on a fixed class-stratified subset of N training examples (same for every seed); "
@@ -92,6 +93,9 @@ def add_train_parser(sub) -> None:
     g.add_argument("--dropout", type=float, default=D.dropout, help="dropout rate before each hidden FC layer")
     g.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")
     g = p.add_argument_group("how long")
+    g.add_argument("--classes", type=int, default=None, metavar="N",
+                   help="classifier width (default: the data's classes; synthetic data draws labels from N classes, "
+                        "e.g. --data synthetic --classes 1000000 for a huge classifier)")
     g.add_argument("--batch", type=int, default=D.batch, help="examples per worker per step (the paper's B)")
     g.add_argument("--steps", type=int, default=None, help="training steps (overrides --epochs)")
     g.add_argument("--epochs", type=float, default=D.epochs, help="passes over the training set (fractions allowed)")
@@ -109,6 +113,9 @@ def add_train_parser(sub) -> None:
                    help="fractions of training where the step schedule multiplies lr by --lr-drop-factor")
     g.add_argument("--lr-drop-factor", type=float, default=D.lr_drop_factor, help="step schedule: lr multiplier at each drop; exp: at the end")
     g.add_argument("--lr-scale", choices=LR_SCALES, default=D.lr_scale, help="lr scaling for a K-times larger batch")
+    g.add_argument("--warmup-epochs", type=float, default=D.warmup_epochs, metavar="E",
+                   help="the scaled rate rises linearly from one worker's over the first E epochs (Goyal et al. 2017); "
+                        "per parameter group, so a head kept at one worker's rate (--fc-batch worker) is not warmed")
     g.add_argument("--seed", type=int, default=D.seed, help="initial weights, data order, augmentation and dropout")
     g = p.add_argument_group("parallelism")
     g.add_argument("--workers", type=int, default=None,

@@ -32,6 +32,7 @@ class TrainConfig:
     model: str = "smallnet"
     data: str = "digits"
     image_size: int | None = None          # None: the model's native input size
+    classes: int | None = None              # classifier width; None: the data's classes (synthetic: any N)
     dropout: float = 0.5
     # how long
     batch: int = 32                         # per worker (the paper's B)
@@ -47,6 +48,7 @@ class TrainConfig:
     lr_drops: tuple[float, ...] = (0.5, 0.75)           # fractions of training
     lr_drop_factor: float = 0.1
     lr_scale: str = "none"                  # for a K-times larger batch: none | linear | sqrt
+    warmup_epochs: float = 0.0              # rise from the one-worker rate to the scaled one (recipe.warmup_progress)
     seed: int = 0
     # parallelism
     workers: int = 1
@@ -97,6 +99,11 @@ class TrainConfig:
             except ValueError as err:
                 raise ConfigError(str(err)) from None
             _check_data_spec(self.data, self.train_examples, self.download)
+        if self.classes is not None:
+            _check(self.classes >= 2, f"--classes must be at least 2 (got {self.classes})")
+            kind, _, count = str(self.data).partition(":")
+            _check(not (kind == "synthetic" and count and count.isdigit() and int(count) != self.classes),
+                   f"--classes {self.classes} contradicts --data {self.data}; give one of them")
         _check(self.batch >= 1, f"--batch must be at least 1 (got {self.batch})")
         _check(self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})")
         _check(self.epochs > 0, f"--epochs must be positive (got {self.epochs})")
@@ -108,6 +115,12 @@ class TrainConfig:
         _check(all(0.0 < d < 1.0 for d in self.lr_drops), f"--lr-drops must be fractions of training in (0, 1) (got {_csv(self.lr_drops)})")
         _check(list(self.lr_drops) == sorted(self.lr_drops), f"--lr-drops must be increasing (got {_csv(self.lr_drops)})")
         _check(0.0 < self.lr_drop_factor <= 1.0, f"--lr-drop-factor must be in (0, 1] (got {self.lr_drop_factor})")
+        _check(0.0 <= self.warmup_epochs < math.inf, f"--warmup-epochs must be a number of epochs >= 0 (got {self.warmup_epochs})")
+        _check(self.steps is not None or self.warmup_epochs <= self.epochs,
+               f"--warmup-epochs {self.warmup_epochs:g} is longer than the run (--epochs {self.epochs:g})")
+        _check(self.warmup_epochs == 0 or self.lr_scale != "none",
+               "--warmup-epochs needs --lr-scale linear or sqrt: it warms from the one-worker rate to the scaled one, "
+               "and with --lr-scale none they are the same")
         _check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32) (got {self.seed})")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         for name in ("eval_every", "log_every", "ckpt_every"):

@@ -47,6 +47,7 @@ def check(cfg: TrainConfig, source: Source | None = None) -> None:
     if data.num_classes < 2:
         raise ConfigError(f"{data.name} has {data.num_classes} class; a classifier needs at least 2")
     check_batch(cfg, len(data.train), data.name)
+    check_warmup(cfg, len(data.train))
     if source:
         model = source.model
     else:
@@ -54,6 +55,17 @@ def check(cfg: TrainConfig, source: Source | None = None) -> None:
         check_image_size(model, cfg, data.in_channels, data.image_size)
     check_lr_mult(model, cfg.lr_mult)
     check_memory(cfg, sum(p.numel() for p in model.parameters()))
+
+
+def check_warmup(cfg: TrainConfig, train_examples: int) -> None:
+    """``--warmup-epochs`` must end within the run (``validate`` checks it against
+    ``--epochs``; against ``--steps`` it needs the data set's size)."""
+    from .worker import steps_per_epoch_of, total_steps_of
+
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch_of(train_examples, cfg)
+    total = total_steps_of(train_examples, cfg)
+    if warmup_steps > total:
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs:g} is {warmup_steps:.0f} steps, longer than the run's {total}")
 
 
 def check_run_directory(out: Path) -> None:
@@ -131,7 +143,6 @@ def _available_memory() -> int | None:
 
 
 def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:
-    from .models import build_model
+    from .models import meta_model
 
-    with torch.device("meta"):
-        return build_model(cfg.model, num_classes=classes, in_channels=channels, dropout=cfg.dropout)
+    return meta_model(cfg.model, num_classes=classes, in_channels=channels, dropout=cfg.dropout)

@@ -23,7 +23,7 @@ from .distributed.runtime import Runtime, launch
 from .distributed.strategy import StepStats, Strategy
 from .evaluate import evaluate
 from .records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, restart_count, weights_copy
-from .recipe import schedule_factor, set_lr
+from .recipe import schedule_factor, set_lr, warmup_progress
 from .source import Source
 from .worker import setup, steps_per_epoch, total_steps, train_batches
 
@@ -108,7 +108,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
         _, images, targets = next(batches)
         logging_now = (step + 1) % cfg.log_every == 0 or step + 1 == total
         before = weights_copy(strategy.named_weights()) if logging_now and rt.is_main else {}
-        set_lr(strategy.optimizers(), schedule_factor(cfg, step, total))
+        set_lr(strategy.optimizers(), schedule_factor(cfg, step, total), warmup_progress(cfg, step, per_epoch))
         step_start = time.perf_counter()
         out = strategy.train_step(images.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True))
         step_times.append(time.perf_counter() - step_start)

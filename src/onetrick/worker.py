@@ -2,6 +2,7 @@
 parallelised model with the same initial weights everywhere, and the batches of each step."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -32,8 +33,11 @@ def setup(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> tuple[
 def run_data(cfg: TrainConfig) -> DataBundle:
     """The data set ``--data`` names, as every process of the run builds it (the launcher's
     checks and planner too, so they see exactly what the workers will)."""
-    return build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
-                      skip_corrupt=cfg.skip_corrupt, train_examples=cfg.train_examples)
+    data = build_data(cfg.data, image_size=cfg.image_size or input_size(cfg.model), seed=cfg.seed,
+                      skip_corrupt=cfg.skip_corrupt, train_examples=cfg.train_examples, classes=cfg.classes)
+    if cfg.classes is not None and cfg.classes < data.num_classes:
+        raise DataError(f"--classes {cfg.classes} is fewer than the {data.num_classes} classes of {data.name}")
+    return data if cfg.classes is None else dataclasses.replace(data, num_classes=cfg.classes)
 
 
 def steps_per_epoch(data: DataBundle, cfg: TrainConfig) -> int:

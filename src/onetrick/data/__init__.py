@@ -93,12 +93,13 @@ def check_spec(spec: str, train_examples: int | None = None, download: bool = Fa
 
 
 def build_data(spec: str, image_size: int, seed: int = 0, skip_corrupt: bool = False,
-               train_examples: int | None = None) -> DataBundle:
+               train_examples: int | None = None, classes: int | None = None) -> DataBundle:
     """Build the data set named by ``spec`` (see the module docstring) at ``image_size``.
 
     ``seed`` is accepted for the tool's sake; no data set here depends on it (splits,
     subsets and synthetic images are fixed so that runs with different seeds are
-    comparable). Augmentation draws from torch's global RNG at access time.
+    comparable). Augmentation draws from torch's global RNG at access time. ``classes``:
+    plain ``synthetic`` draws its labels from that many classes (``--classes``).
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise DataError(f"image size must be a positive integer, not {image_size!r}")
@@ -117,7 +118,7 @@ def build_data(spec: str, image_size: int, seed: int = 0, skip_corrupt: bool = F
         bundle = build_imagefolder(Path(arg).expanduser(), image_size, skip_corrupt)
     else:
         from .synthetic import build_synthetic
-        bundle = build_synthetic(int(arg) if arg else SYNTHETIC_CLASSES, image_size)
+        bundle = build_synthetic(int(arg) if arg else classes or SYNTHETIC_CLASSES, image_size)
     return _subset(bundle, spec, train_examples) if train_examples is not None else bundle
 
 

@@ -13,6 +13,12 @@ Two ways to synchronise, ``--sync``:
 
 Both average gradients over workers, so with ``--lr-scale none`` K workers of batch B
 equal one worker of batch K*B exactly (tests prove it).
+
+BatchNorm (ResNets and the like): each worker normalises with the statistics of its own B
+examples, as DDP does (SyncBatchNorm, which would normalise over all K*B, needs CUDA);
+the running statistics are worker 0's, broadcast before every step and before evaluation
+(DDP's ``broadcast_buffers``; :func:`broadcast_buffers` for the sharded update and the
+hybrid). A model without BatchNorm has no buffers and pays nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +39,22 @@ from .strategy import SingleStrategy, StepOutput, Strategy
 BUCKET_BYTES = 25 * 2**20
 
 
+def broadcast_buffers(module: nn.Module, comm) -> None:
+    """Worker 0's floating-point buffers (BatchNorm's running mean and variance) to every
+    worker, in one broadcast; integer buffers (``num_batches_tracked``) advance alike
+    everywhere. Nothing is sent for a module without such buffers."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers or comm.size == 1:
+        return
+    flat = torch.cat([b.detach().flatten() for b in buffers])
+    with comm.exact():  # the running statistics stay fp32 whatever --comm-dtype
+        comm.broadcast(flat, src=0, tag="buffers")
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 class DDPStrategy(SingleStrategy):
     """Data parallelism through DistributedDataParallel: the one-worker step, with the
     forward pass through DDP so the backward pass all-reduces (averages) gradients."""
@@ -45,6 +67,11 @@ class DDPStrategy(SingleStrategy):
         self.net = DistributedDataParallel(self.model, device_ids=device_ids)
         bf16 = cfg.comm_dtype == "bf16"
         self.net.register_comm_hook(self.comm, _counting_bf16_hook if bf16 else _counting_allreduce_hook)
+
+    def set_training(self, mode: bool) -> None:
+        if not mode:  # DDP broadcast worker 0's buffers before each training forward; evaluation too
+            broadcast_buffers(self.model, self.comm)
+        super().set_training(mode)
 
 
 def _counting_allreduce_hook(comm, bucket):  # no annotations: DDP checks them against real types
@@ -168,7 +195,13 @@ class ShardedDataParallel(Strategy):
         for p in self.synced.parameters():
             p.grad = None
 
+    def set_training(self, mode: bool) -> None:
+        if not mode:
+            broadcast_buffers(self.synced, self.comm)
+        super().set_training(mode)
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        broadcast_buffers(self.synced, self.comm)
         logits = self.model(images)
         loss = F.cross_entropy(logits.float(), targets)
         loss.backward()

@@ -34,7 +34,7 @@ import torch
 from ..config import TrainConfig
 from ..models import TrunkHeadNet
 from .cut import split_at_cut
-from .data_parallel import ShardedDataParallel
+from .data_parallel import ShardedDataParallel, broadcast_buffers
 from .model_parallel import ShardedHeadStrategy
 from .runtime import Runtime
 from .strategy import StepOutput
@@ -63,6 +63,7 @@ class Hybrid(ShardedHeadStrategy):
     # -- one step -------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         self.head_opt.zero_grad(set_to_none=True)
+        broadcast_buffers(self.model.trunk, self.comm)  # BatchNorm's running statistics: worker 0's (data_parallel.py)
         feats = self.model.features(images)
         if self.scheme == "a":
             loss, errors = self._scheme_a(feats, targets)
@@ -127,6 +128,11 @@ class Hybrid(ShardedHeadStrategy):
             return every
         k = self.comm.size
         return every.view(k, k, -1).transpose(0, 1).reshape(k, -1)
+
+    def set_training(self, mode: bool) -> None:
+        if not mode:
+            broadcast_buffers(self.model.trunk, self.comm)
+        super().set_training(mode)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -142,11 +142,10 @@ class ModelParallel(ShardedHeadStrategy):
 
     # -- state ------------------------------------------------------------------------
     def _trunk_state(self) -> tuple[dict, dict]:
-        weights, moms = {}, {}
-        for name, p in self.model.trunk.named_parameters():
-            key = "trunk." + name
-            weights[key] = p.detach().clone()
-            moms[key] = torch.zeros_like(p)
+        """Trunk weights and buffers (BatchNorm's running statistics: the same on every
+        worker, which all see the same examples), and the weights' momentum."""
+        weights = {"trunk." + name: t.detach().clone() for name, t in self.model.trunk.state_dict().items()}
+        moms = {"trunk." + name: torch.zeros_like(p) for name, p in self.model.trunk.named_parameters()}
         for key, p in self.trunk_params:
             buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
@@ -155,7 +154,8 @@ class ModelParallel(ShardedHeadStrategy):
             for key in weights:
                 owner = int(key.split(".")[2])
                 self.comm.broadcast(weights[key], src=owner, tag="checkpoint")
-                self.comm.broadcast(moms[key], src=owner, tag="checkpoint")
+                if key in moms:
+                    self.comm.broadcast(moms[key], src=owner, tag="checkpoint")
         return weights, moms
 
     def state_dict(self) -> dict:

@@ -5,7 +5,7 @@ from .base import ELEMENTWISE, TrunkHeadNet, fc_head, unshardable
 from .split import as_trunk_head
 
 __all__ = ["ELEMENTWISE", "MODELS", "TrunkHeadNet", "as_trunk_head", "build_model", "check_model", "fc_head",
-           "input_size", "unshardable"]
+           "input_size", "meta_model", "unshardable"]
 
 
 def _registry():
@@ -29,6 +29,23 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, dropout: floa
     if name not in registry:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or torchvision:NAME")
     return registry[name](num_classes=num_classes, in_channels=in_channels, dropout=dropout)
+
+
+def meta_model(name: str, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> TrunkHeadNet:
+    """The model on PyTorch's ``meta`` device: shapes and parameter counts, no memory. (The
+    few constructors that compute on tensors, RegNet's, cannot run there: those are built
+    with 10 classes on the CPU, moved to meta and given ``num_classes`` outputs.)"""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_model(name, num_classes, in_channels, dropout)
+    except NotImplementedError:
+        model = build_model(name, 10, in_channels, dropout).to("meta")
+        old = model.head[-1]
+        with torch.device("meta"):
+            model.head[len(model.head) - 1] = torch.nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        return model
 
 
 def check_model(name: str, image_size: int | None = None) -> None:

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     """Define ``onetrick plan`` on the subparsers ``sub``."""
     p = sub.add_parser("plan", help="predict every way to parallelise a model at K workers; choose one, say why",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012")
+    p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012 | torchvision:NAME")
     p.add_argument("--workers", type=int, default=2, help="K")
     p.add_argument("--batch", type=int, default=32, help="examples per worker per step (B)")
     p.add_argument("--image-size", type=int, default=None, help="default: the model's")
@@ -75,10 +75,12 @@ def _default_threads(k: int) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan, then print the table (or JSON)."""
-    from ..models import MODELS, input_size
+    from ..models import check_model, input_size
 
-    if args.model not in MODELS:
-        raise ConfigError(f"unknown model {args.model!r}; choose one of: {', '.join(MODELS)}")
+    try:
+        check_model(args.model, args.image_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if args.workers < 1 or args.batch < 1:
         raise ConfigError(f"--workers and --batch must be at least 1 (got {args.workers} and {args.batch})")
     t0 = time.perf_counter()
