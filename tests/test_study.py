@@ -44,3 +44,25 @@ def test_study_rejects_bad_input_before_training(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "s" / "runs").exists()
+
+
+@pytest.mark.timeout(300)
+def test_interrupted_row_resumes_from_its_checkpoint_and_unfinished_rows_are_marked(tmp_path):
+    out = tmp_path / "study"
+    args = ["study", "--workers", "1,2", "--variants", "data", "--batch", "16", "--epochs", "0.5",
+            "--eval-every", "10", "--threads", "1", "--out", out]
+    killed = onetrick(*args, env={"ONETRICK_CRASH_AT": "25"})   # a power cut at step 25 of the first row
+    assert killed.returncode != 0
+    partial = onetrick(*args, "--table-only")
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    table = (tmp_path / "study.md").read_text()
+    assert table.count("not finished (0 of 1 seeds)") == 2 and "Measured: not yet" in table
+    again = onetrick(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "k1-single-seed0: resuming the interrupted run" in again.stdout
+    summary = json.loads((out / "runs" / "k1-single-seed0" / "summary.json").read_text())
+    assert summary["steps"] == 44
+    metrics = [json.loads(line) for line in (out / "runs" / "k1-single-seed0" / "metrics.jsonl").open()]
+    assert min(m["step"] for m in metrics if m["kind"] == "train" and m["step"] > 20) == 30  # resumed at step 20
+    lines = json.loads((tmp_path / "study.json").read_text())["lines"]
+    assert [r["seeds"] for r in lines] == [1, 1]

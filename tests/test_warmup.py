@@ -68,15 +68,18 @@ def test_warmup_longer_than_the_steps_refused_before_launch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_k8_run_that_diverges_without_warmup_trains_with_it(tmp_path):
-    """Digits, smallnet, K=8 data parallelism, B=16: the linearly scaled rate 8 x 0.02
-    from step 0 diverges to chance; warmed up over 2 of 6 epochs it trains."""
+    """Fashion-MNIST (6,000 stratified training images), smallnet, K=8 data parallelism,
+    B=16: the linearly scaled rate 8 x 0.01 from step 0 kills the network within ten steps
+    (the loss sits at ln 10, test error at chance, as in the earlier study); warmed up over
+    the first of 2 epochs it trains. About 2 x 2 minutes on 2 cores."""
     errors = {}
-    for warmup in ("0", "2"):
+    for warmup in ("0", "1"):
         out = tmp_path / f"w{warmup}"
-        result = onetrick("train", "--workers", "8", "--strategy", "data", "--batch", "16", "--lr", "0.02",
-                          "--lr-scale", "linear", "--warmup-epochs", warmup, "--epochs", "6", "--threads", "1",
-                          "--eval-every", "1000", "--out", out, timeout=850)
+        result = onetrick("train", "--data", "fashion-mnist", "--train-examples", "6000", "--workers", "8",
+                          "--strategy", "data", "--batch", "16", "--lr", "0.01", "--lr-scale", "linear",
+                          "--warmup-epochs", warmup, "--epochs", "2", "--threads", "1", "--eval-every", "1000",
+                          "--out", out, timeout=850)
         assert result.returncode == 0, result.stderr[-2000:]
         errors[warmup] = json.loads((out / "summary.json").read_text())["top1_error"]
-    assert errors["0"] > 0.8, errors     # chance is 0.9
-    assert errors["2"] < 0.1, errors
+    assert errors["0"] > 0.85, errors     # chance is 0.9
+    assert errors["1"] < 0.4, errors

@@ -49,10 +49,11 @@ class Row:
     def config(self, base: TrainConfig, out: Path) -> TrainConfig:
         strategy, _, fc_batch = self.variant.partition("-")
         # --eval-every counts one worker's steps: K workers take K times fewer, so every
-        # row is tested at the same epochs and the curves line up.
+        # row is tested at the same epochs and the curves line up. A checkpoint at each
+        # test: an interrupted row resumes from there.
         every = max(1, round(base.eval_every / self.workers))
         changes = {"workers": self.workers, "strategy": strategy, "seed": self.seed, "out": out / "runs" / self.name,
-                   "progress": False, "eval_every": every, "log_every": every}
+                   "progress": False, "eval_every": every, "log_every": every, "ckpt_every": every}
         if strategy == "hybrid":
             changes.update(scheme=self.scheme, fc_batch=fc_batch)
         return base.replace(**changes)
@@ -72,7 +73,7 @@ def study_rows(workers: list[int], variants: list[str], seeds: list[int], scheme
 
 
 #: options that say how a run is carried out, not what it computes: ignored when reusing a row
-BOOKKEEPING = {"overwrite", "resume", "progress", "debug"}
+BOOKKEEPING = {"overwrite", "resume", "progress", "debug", "ckpt_every"}
 
 
 ROW_FILE = "study-row.json"  # the row's configuration, written before it trains: what a rerun may resume
