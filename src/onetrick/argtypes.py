@@ -46,3 +46,20 @@ def link_mbps(value: str, named: str) -> float:
     if not mbps > 0:
         raise ConfigError(f"--link-mbps must be positive (got {value})")
     return mbps
+
+
+def named_link(value: str, names, option: str = "--link") -> str | float:
+    """``--link``: one of ``names`` (the named links), ``measured``, or a positive number
+    of Mbit/s (returned as a float). ConfigError, one line listing the names, otherwise."""
+    from .config import ConfigError
+
+    if value in names or value == "measured":
+        return value
+    try:
+        mbps = float(value)
+    except ValueError:
+        raise ConfigError(f"unknown link {value!r} for {option}; choose one of: {', '.join(names)}, measured, "
+                          f"or a number of Mbit/s") from None
+    if not mbps > 0:
+        raise ConfigError(f"{option} must be a link name or a positive number of Mbit/s (got {value})")
+    return mbps

@@ -344,7 +344,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                        eval_every=args.eval_every, log_every=args.eval_every,
                        train_examples=args.train_examples, download=args.download)
     base.validate()
-    command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--table-only")  # what trains it
     lines = run_study(base, args.workers, args.variants, args.seeds, args.out, command, args.scheme,
                       train_rows=not args.table_only)
     print(markdown(lines, base, command, args.scheme))

@@ -1,6 +1,6 @@
 """``onetrick plan`` and the resolution of ``train --strategy auto`` / ``--scheme auto``.
 
-``onetrick plan --model M --workers K --batch B [--link-mbps N | measured]`` prints every
+``onetrick plan --model M --workers K --batch B [--link NAME | measured | MBPS]`` prints every
 candidate of :mod:`onetrick.perf.planner` (predicted step ms, speedup, bytes by tag,
 exposed communication) and the choice with its reason in one line; ``--json`` prints
 the same as one JSON object. :func:`resolve_auto` runs the same planner once in the
@@ -14,10 +14,10 @@ import json
 import os
 import time
 
-from ..argtypes import link_mbps
+from ..argtypes import link_mbps, named_link
 from ..config import FC_BATCHES, ConfigError, TrainConfig
 from .costmodel import Link
-from .costs import PROFILES, FlopCosts
+from .costs import NAMED_LINKS, PROFILES, FlopCosts
 from .planner import Plan, make_plan, measured_costs
 from .probe import loopback_link, measured_link
 
@@ -34,9 +34,14 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: the model's")
     p.add_argument("--classes", type=int, default=None, help="default: 10 for smallnet (digits), 1000 otherwise")
     p.add_argument("--fc-batch", choices=FC_BATCHES, default="full", help="hybrid FC batch (changes the maths: kept)")
-    p.add_argument("--link-mbps", default="measured",
-                   help="per-worker link in Mbit/s, or 'measured': gloo between K local workers, probed now")
-    p.add_argument("--collective-us", type=float, default=0.0, help="with --link-mbps N: fixed cost per collective")
+    p.add_argument("--link", default=None, metavar="NAME|measured|MBPS",
+                   help="the workers' link (per worker, per direction; assumed, not measured): "
+                        + "; ".join(f"{n}: {v['gbps']:g} Gbit/s, {v['latency_us']:g} us per message ({v['note']})"
+                                    for n, v in NAMED_LINKS.items())
+                        + "; measured: gloo between K local CPU workers, probed now (this-cpu, this-device only); "
+                          "a number: Mbit/s. Default: the profile's own link (measured for this-cpu)")
+    p.add_argument("--link-mbps", default=None, help="the same as --link N (Mbit/s) or --link measured")
+    p.add_argument("--collective-us", type=float, default=0.0, help="with a given link: fixed cost per collective")
     p.add_argument("--profile", choices=sorted(PROFILES), default="this-cpu",
                    help="this-cpu: layers timed here; else FLOP at a GPU profile's rate")
     p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / K, at least 1)")
@@ -44,24 +49,46 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-def _link(value: str, k: int, collective_us: float, threads: int, this_cpu: bool) -> tuple[Link, dict]:
-    """The link the plan assumes and what was measured of it. For workers on this
-    machine's CPU the probe also measures what they pay as busy workers and each gloo op's
-    bandwidth, and a given bandwidth keeps those terms; for a GPU profile only the idle
-    link is probed (and only when it is not given)."""
-    if k == 1:
-        probe = {}
-    elif this_cpu:
-        probe = measured_link(k, threads)
+def _link_choice(link: str | None, mbps: str | None, profile: str) -> str | float:
+    """``--link`` / ``--link-mbps`` -> a name of :data:`NAMED_LINKS`, ``"measured"`` or
+    Mbit/s; by default the profile's own link. ``measured`` probes this machine's loopback
+    between CPU processes, so a GPU profile refuses it (one line, before anything is probed)."""
+    if link is not None and mbps is not None:
+        raise ConfigError("give --link or --link-mbps, not both")
+    if mbps is not None:
+        choice = "measured" if mbps == "measured" else link_mbps(mbps, "measured")
+    elif link is not None:
+        choice = named_link(link, NAMED_LINKS)
     else:
-        probe = loopback_link(k) if value == "measured" else {}
-    if value == "measured":
+        choice = PROFILES[profile]["link"]
+    own = PROFILES[profile]["link"]
+    if choice == "measured" and own != "measured":
+        raise ConfigError(f"--link measured probes this machine's loopback between CPU processes; the {profile} "
+                          f"profile's workers talk over {NAMED_LINKS[own]['note']}: name a link, e.g. --link {own}")
+    return choice
+
+
+def _link(choice: str | float, k: int, collective_us: float, threads: int, this_cpu: bool) -> tuple[Link, dict, dict]:
+    """The link the plan assumes, what was measured of it, and its name. For workers on this
+    machine's CPU the probe also measures what they pay as busy workers and each gloo op's
+    bandwidth, and a given or named bandwidth keeps those terms; for a GPU profile nothing
+    is probed (its link is named or given: :func:`_link_choice`)."""
+    if k == 1 or not this_cpu and choice != "measured":
+        probe = {}
+    else:
+        probe = measured_link(k, threads) if this_cpu else loopback_link(k)
+    if choice == "measured":
         link = Link.from_measured(probe)
-        return (link if this_cpu else link.idle()), probe
-    mbps = link_mbps(value, "measured")
-    here = dataclasses.replace(Link.from_measured(probe), gbps=mbps / 1e3, latency_us=0.0, collective_us=collective_us)
-    return here, {"kind": "given", "measured_mbps": mbps, "sync_us": here.sync_us,
-                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor}
+        return (link if this_cpu else link.idle()), probe, {"name": "measured", "note": probe.get("kind", "one worker")}
+    if isinstance(choice, float):
+        gbps, latency_us, named = choice / 1e3, 0.0, {"name": f"{choice:g} Mbit/s", "note": "given"}
+    else:
+        spec = NAMED_LINKS[choice]
+        gbps, latency_us, named = spec["gbps"], spec["latency_us"], {"name": choice, "note": spec["note"] + ", assumed"}
+    here = dataclasses.replace(Link.from_measured(probe), gbps=gbps, latency_us=latency_us, collective_us=collective_us)
+    kind = "given" if isinstance(choice, float) else f"named: {named['note']}"
+    return here, {"kind": kind, "measured_mbps": gbps * 1e3, "sync_us": here.sync_us,
+                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor}, named
 
 
 def _slow(k: int, threads: int) -> float:
@@ -83,29 +110,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(str(err)) from None
     if args.workers < 1 or args.batch < 1:
         raise ConfigError(f"--workers and --batch must be at least 1 (got {args.workers} and {args.batch})")
+    choice = _link_choice(args.link, args.link_mbps, args.profile)
     t0 = time.perf_counter()
     image = args.image_size or input_size(args.model)
     classes = args.classes or (10 if args.model == "smallnet" else 1000)
     threads = args.threads or _default_threads(args.workers)
     blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
     slow = _slow(args.workers, threads)
-    link, probe = _link(args.link_mbps, args.workers, args.collective_us, threads, args.profile == "this-cpu")
+    link, probe, named = _link(choice, args.workers, args.collective_us, threads, args.profile == "this-cpu")
     if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
         prof = PROFILES[args.profile]
         costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
     plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch)
     record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
               "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
+    record["link"] = {**named, **record["link"]}   # the link used: its name, Gbit/s, latency, fixed costs
     print(json.dumps(record, indent=2) if args.json else format_plan(plan, record))
     return 0
 
 
 def format_plan(plan: Plan, record: dict) -> str:
     """The candidates as a Markdown table, fastest first, and the choice in one line."""
-    lk = plan.link
+    lk, name = plan.link, record["link"].get("name", "given")
     head = (f"{record['model']} {record['image_size']}px, {record['classes']} classes, K={plan.k}, B={plan.batch} per "
-            f"worker, {record['threads']} thread(s) per worker, link {f'{lk.gbps * 1e3:.0f}' if lk.gbps else 'unlimited'} "
-            f"Mbit/s + {lk.collective_us:.0f} us per collective"
+            f"worker, {record['threads']} thread(s) per worker, link {name}: "
+            f"{f'{lk.gbps:.4g} Gbit/s' if lk.gbps else 'unlimited'}, {lk.latency_us:g} us per message + "
+            f"{lk.collective_us:.0f} us per collective"
             + (f" + {lk.sync_us / 1e3:.1f} ms per rendezvous on shared cores" if lk.sync_us else "")
             + f" ({record['link_probe'].get('kind', 'none')})")
     lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | runnable |",

@@ -23,7 +23,7 @@ from ..argtypes import comma_ints
 from ..config import ConfigError
 from .blocks import model_blocks
 from .costmodel import STRATEGY_VARIANTS, Link, sweep
-from .costs import PROFILES, FlopCosts, MeasuredCosts, ScaledCosts
+from .costs import NAMED_LINKS, PROFILES, FlopCosts, MeasuredCosts, ScaledCosts
 from .report import simulation_report, write_simulation
 from .validate import validate
 
@@ -46,8 +46,12 @@ def add_parser(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="this-device: autocast while timing; h100: which measured figures")
     p.add_argument("--efficiency", type=float, default=None, help="achieved fraction of the profile's peak FLOP/s")
-    p.add_argument("--link-gbps", type=float, default=None, help="per-worker link, Gbit/s (default: the profile's)")
-    p.add_argument("--latency-us", type=float, default=None, help="per message (default: the profile's)")
+    p.add_argument("--link", choices=list(NAMED_LINKS), default=None,
+                   help="a named link (assumed): " + "; ".join(f"{n}: {v['gbps']:g} Gbit/s, {v['latency_us']:g} us"
+                                                               for n, v in NAMED_LINKS.items())
+                        + ". Default: the profile's own (this-cpu, this-device: unlimited, 50 us)")
+    p.add_argument("--link-gbps", type=float, default=None, help="per-worker link, Gbit/s (default: --link's)")
+    p.add_argument("--latency-us", type=float, default=None, help="per message (default: --link's)")
     p.add_argument("--collective-us", type=float, default=0.0,
                    help="fixed cost of every collective (software; bench measures it on a tiny all-reduce)")
     p.add_argument("--cores", type=int, default=None, help="this-cpu: model K workers time-sharing this many cores")
@@ -84,14 +88,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         eff = args.efficiency or prof["efficiency"]
         costs = FlopCosts(blocks, prof["peak_flops"], eff, prof["mem_gbs"])
         rate = f"{prof['peak_flops'] / 1e12:.1f} TFLOP/s peak x {eff:.0%} achieved"
-    link = args.link_gbps if args.link_gbps is not None else prof["link_gbps"]
-    lat = args.latency_us if args.latency_us is not None else prof["latency_us"]
+    name = args.link or prof["link"]
+    spec = NAMED_LINKS.get(name, {"gbps": prof["link_gbps"], "latency_us": prof["latency_us"]})
+    link = args.link_gbps if args.link_gbps is not None else spec["gbps"]
+    lat = args.latency_us if args.latency_us is not None else spec["latency_us"]
+    if name not in NAMED_LINKS or args.link_gbps is not None or args.latency_us is not None:
+        name = None   # not one of the named links as it stands
     wanted = set(args.strategies.split(","))
     variants = [v for v in STRATEGY_VARIANTS if v.strategy in wanted or v.strategy == "single"]
     rows = sweep(blocks, costs, args.workers, args.batch, variants, Link(link, lat, args.collective_us), args.cores,
                  args.threads)
     title = (f"{args.model} {image}px, B={args.batch} per worker, profile {args.profile} ({rate}), "
-             f"link {link if link else 'unlimited'} Gbit/s, latency {lat:g} us"
+             f"link {name + ' ' if name else ''}{link if link else 'unlimited'} Gbit/s, latency {lat:g} us"
              + (f" + {args.collective_us:g} us per collective" if args.collective_us else ""))
     validations = ([validate(v, reps=args.reps) for v in args.validate]
                    + [validate(v, bytes_only=True) for v in args.validate_bytes])
@@ -102,7 +110,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         command = ("onetrick " + " ".join(sys.argv[1:])
                    if sys.argv and sys.argv[0].endswith(("onetrick", "cli.py", "__main__.py")) else None)
         meta = {"command": command, "model": args.model, "image_size": image, "batch": args.batch,
-                "profile": args.profile, "rate": rate, "link_gbps": link, "latency_us": lat}
+                "profile": args.profile, "rate": rate, "link": name, "link_gbps": link, "latency_us": lat}
         written = write_simulation(args.out, report, meta, rows, validations, title,
                                    paper_plot=args.model.startswith("alexnet") and not args.profile.startswith("this-")
                                    and image == 224)
