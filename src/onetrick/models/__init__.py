@@ -32,20 +32,15 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, dropout: floa
 
 
 def meta_model(name: str, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> TrunkHeadNet:
-    """The model on PyTorch's ``meta`` device: shapes and parameter counts, no memory. (The
-    few constructors that compute on tensors, RegNet's, cannot run there: those are built
-    with 10 classes on the CPU, moved to meta and given ``num_classes`` outputs.)"""
+    """The model on PyTorch's ``meta`` device: shapes and parameter counts, no memory."""
     import torch
 
-    try:
-        with torch.device("meta"):
-            return build_model(name, num_classes, in_channels, dropout)
-    except NotImplementedError:
-        model = build_model(name, 10, in_channels, dropout).to("meta")
-        old = model.head[-1]
-        with torch.device("meta"):
-            model.head[len(model.head) - 1] = torch.nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-        return model
+    from .vision import PREFIX, meta_torchvision
+
+    if name.startswith(PREFIX):
+        return meta_torchvision(name[len(PREFIX):], num_classes, in_channels, dropout)
+    with torch.device("meta"):
+        return build_model(name, num_classes, in_channels, dropout)
 
 
 def check_model(name: str, image_size: int | None = None) -> None:

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
                           "a number: Mbit/s. Default: the profile's own link (measured for this-cpu)")
     p.add_argument("--link-mbps", default=None, help="the same as --link N (Mbit/s) or --link measured")
     p.add_argument("--collective-us", type=float, default=0.0, help="with a given link: fixed cost per collective")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="this-cpu",
+    p.add_argument("--profile", choices=sorted(p for p in PROFILES if p != "this-device"), default="this-cpu",
                    help="this-cpu: layers timed here; else FLOP at a GPU profile's rate")
     p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / K, at least 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
