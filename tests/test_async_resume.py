@@ -146,6 +146,7 @@ def test_parameter_server_resumed_after_a_kill_equals_an_uninterrupted_run(tmp_p
     assert_each_step_once(tmp_path / "cut", 10)
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(300)
 def test_parameter_server_worker_killed_then_resumed_continues_staleness(tmp_path, monkeypatch):
     """K=2, S=1, push every 2 steps: worker 1 SIGKILLed after step 6 stops the job;

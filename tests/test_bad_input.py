@@ -21,7 +21,7 @@ BAD_TRAIN_INPUT = [
     (["--data", "synthetic:x"], "synthetic:CLASSES needs an integer"),
     (["--data", "synthetic:1"], "synthetic:CLASSES needs an integer >= 2"),
     (["--data", "synthetic:-5"], "synthetic:CLASSES needs an integer"),
-    (["--data", "synthetic:100000000"], "GiB; this machine has"),
+    (["--data", "synthetic:100000000"], "GB per worker (predicted peak, at"),
     (["--data", ONE_CLASS], "has 1 class; a classifier needs at least 2"),
     (["--data", TINY, "--batch", "16"], "a step needs 16 training examples but"),
     (["--image-size", "4"], "--image-size must be in [8, 4096]"),

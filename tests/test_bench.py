@@ -108,6 +108,7 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
     assert rows["single"]["collectives_per_step"] == 0 and rows["single"]["collectives"] == {}
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(200)
 def test_bench_bf16_rows_halve_the_bytes_on_the_wire(tmp_path):
     out = tmp_path / "bf16"
@@ -162,6 +163,7 @@ def _our_namespaces() -> list[str]:
     return [ln.split()[0] for ln in out.splitlines() if ln.startswith("onetrick-")]
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(netns_available() is not None, reason=f"shaped link unavailable here: {netns_available()}")
 def test_bench_over_a_shaped_link_in_network_namespaces(tmp_path):

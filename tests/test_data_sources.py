@@ -228,6 +228,7 @@ def test_real_fashion_mnist_sizes():
     assert torch.bincount(data.test().labels).tolist() == [1000] * 10
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @needs_fashion
 @pytest.mark.timeout(900)
 def test_smallnet_learns_a_fashion_mnist_subset(tmp_path):

@@ -58,6 +58,7 @@ def test_hybrid_checkpoint_at_k4_resumes_at_k2_and_k1_with_the_same_next_loss(tm
     assert len(list((k4 / "checkpoints" / "step_00000004").glob("*.distcp"))) == 4
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(500)
 def test_hybrid_checkpoint_at_cut1_reshards_to_cut0_and_single_with_the_same_next_loss(tmp_path):
     """A checkpoint written with fc6 data-parallel (--cut 1) holds the plain model's names:

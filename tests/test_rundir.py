@@ -60,6 +60,7 @@ def test_a_new_run_into_a_run_directory_is_refused_and_overwrite_starts_afresh(t
     assert strict_json((run / "summary.json").read_text())["steps"] == 5
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(300)
 def test_without_out_each_run_gets_a_fresh_directory_and_runs_latest_follows(tmp_path):
     for _ in range(2):

@@ -136,6 +136,7 @@ def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
     assert "--workers 3 does not match the 2 processes torchrun started" in wrong.stderr
 
 
+@pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test
 @pytest.mark.timeout(400)
 def test_hybrid_with_a_cut_trains_the_default_network(tmp_path):
     """--cut 1: fc6 data-parallel with the trunk, fc7 and the classifier sharded; real accuracy."""

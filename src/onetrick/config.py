@@ -65,6 +65,7 @@ class TrainConfig:
     precision: str = "fp32"                 # bf16: autocast compute; weights, optimizer state and losses fp32
     comm_dtype: str = "fp32"                # bf16: gradients and activations cross the network in bf16
     threads: int | None = None              # CPU threads per worker; None: cores / workers
+    memory_per_worker: float | None = None  # GB each worker may use; None: detected (preflight.check_memory)
     timeout_s: float = 300.0                # every collective fails after this instead of hanging
     max_restarts: int = 0
     # bookkeeping
@@ -123,6 +124,8 @@ class TrainConfig:
                "and with --lr-scale none they are the same")
         _check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32) (got {self.seed})")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
+        _check(self.memory_per_worker is None or 0 < self.memory_per_worker < math.inf,
+               f"--memory-per-worker must be a positive number of GB (got {self.memory_per_worker})")
         for name in ("eval_every", "log_every", "ckpt_every"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")

@@ -25,11 +25,6 @@ from .config import ConfigError, TrainConfig
 if TYPE_CHECKING:
     from .source import Source
 
-# What one worker process costs before its model: interpreter, torch, gloo buffers.
-WORKER_BASE_BYTES = 400 * 2**20
-# Bytes per parameter a training worker holds: weights, gradients, momentum, and the
-# dense copy the sharded strategies build before slicing it.
-BYTES_PER_PARAM = 4 * 4
 # More workers than this per CPU core only queue for the cores (and gloo's threads).
 MAX_WORKERS_PER_CORE = 8
 
@@ -54,7 +49,7 @@ def check(cfg: TrainConfig, source: Source | None = None) -> None:
         model = _meta_model(cfg, data.num_classes, data.in_channels)
         check_image_size(model, cfg, data.in_channels, data.image_size)
     check_lr_mult(model, cfg.lr_mult)
-    check_memory(cfg, sum(p.numel() for p in model.parameters()))
+    check_memory(cfg, data, source.model if source else None)
 
 
 def check_warmup(cfg: TrainConfig, train_examples: int) -> None:
@@ -118,28 +113,46 @@ def check_lr_mult(model: torch.nn.Module, patterns: list[str]) -> None:
             raise ConfigError(f"--lr-mult {item!r} matches no parameter; names look like {names[0]!r}")
 
 
-def check_memory(cfg: TrainConfig, params: int) -> None:
-    """Refuse a run whose workers cannot fit in this machine's free memory."""
+def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -> None:
+    """Refuse, in one line naming both figures, a run whose predicted peak memory per worker
+    (:func:`onetrick.perf.memory_model.predict_memory`: parameters, gradients, momentum,
+    activations at the batch, communication buffers and the transient copies, the model
+    on the meta device) exceeds what a worker has: ``--memory-per-worker``, or detected
+    (CPU: this machine's available memory shared by its workers; CUDA: the GPU's memory).
+    ``--strategy auto`` and ``--scheme auto`` are checked by the planner, which drops
+    every plan that does not fit. ``model``: a user's own (:func:`onetrick.fit`)."""
     from .distributed.runtime import under_torchrun
+    from .perf.memory import available_memory, gb
+    from .perf.memory_model import predict_for_config, variant_of
+    from .perf.netmemory import NetMemory
 
-    available = _available_memory()
-    if available is None or cfg.device != "cpu":
+    if cfg.strategy == "auto" or (cfg.strategy == "hybrid" and cfg.scheme == "auto"):
         return
-    local = 1 if under_torchrun() else cfg.process_count
-    need = local * (WORKER_BASE_BYTES + BYTES_PER_PARAM * params)
-    if need > available:
-        raise ConfigError(f"{local} worker(s) of model {cfg.model!r} ({params / 1e6:,.1f}M parameters) need about "
-                          f"{need / 2**30:,.1f} GiB; this machine has {available / 2**30:,.1f} GiB free")
-
-
-def _available_memory() -> int | None:
+    torchrun = under_torchrun()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else cfg.process_count
+    if cfg.memory_per_worker is not None:
+        available, source = int(cfg.memory_per_worker * 1e9), "--memory-per-worker"
+    else:
+        available, source = available_memory(cfg.device, local, in_process=local == 1 and not torchrun)
+    if available is None:
+        return
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        net = NetMemory.from_model(model, data.image_size, data.in_channels) if model is not None else None
+        pred = predict_for_config(cfg, data.num_classes, data.in_channels, data.image_size, net=net)
+    except (ValueError, RuntimeError, NotImplementedError, TypeError):
+        return   # a model the meta device cannot describe: nothing to check against
+    if pred.total <= available:
+        return
+    what = f"--strategy {variant_of(cfg).label}" + (f" at {cfg.workers} workers" if cfg.workers > 1 else "")
+    if cfg.strategy in ("single", "data", "hogwild", "paramserver"):
+        hint = ("--strategy hybrid or model (the FC head sharded over the workers), fewer workers per machine, "
+                "or a smaller --batch")
+    else:
+        hint = "more workers (each holds 1/K of the head), a smaller --batch, or fewer workers per machine"
+    largest = sorted(((n, b) for n, b in pred.parts.items() if b), key=lambda x: -x[1])[:3]
+    raise ConfigError(f"{what} needs {gb(pred.total)} per worker (predicted peak, at {pred.peak_phase}: "
+                      + ", ".join(f"{n} {gb(b)}" for n, b in largest)
+                      + f"), {gb(available)} available ({source}); try {hint}")
 
 
 def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:

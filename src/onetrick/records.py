@@ -49,19 +49,23 @@ def _named(weights: torch.nn.Module | Named) -> Named:
 
 
 def weights_copy(weights: torch.nn.Module | Named) -> dict[str, torch.Tensor]:
-    """A copy of ``weights`` (a module, or ``(name, tensor)`` pairs such as
-    :meth:`Strategy.named_weights`), for :func:`layer_stats`."""
-    return {n: p.detach().float().clone() for n, p in _named(weights)}
+    """A copy of the weight matrices and kernels of ``weights`` (a module, or ``(name,
+    tensor)`` pairs such as :meth:`Strategy.named_weights`; biases left out), for
+    :func:`layer_stats`."""
+    return {n: p.detach().float().clone() for n, p in _named(weights) if n.endswith("weight")}
 
 
 def layer_stats(weights: torch.nn.Module | Named, before: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """cuda-convnet2's per-layer log: |w| (RMS) and |dw|/|w| for the last update."""
+    """cuda-convnet2's per-layer log: |w| (RMS) and |dw|/|w| for the last update. Consumes
+    ``before`` (it becomes dw in place): the only memory a logged step adds is that one
+    copy, however large the classifier."""
     out = {}
     for name, p in _named(weights):
-        if name.endswith("weight") and name in before:
+        if name in before:
             w = p.detach().float()
-            rms = w.pow(2).mean().sqrt().item()
-            dw = (w - before[name]).pow(2).mean().sqrt().item()
+            scale = w.numel() ** -0.5
+            rms = torch.linalg.vector_norm(w).item() * scale
+            dw = torch.linalg.vector_norm(before[name].sub_(w)).item() * scale
             out[name] = {"w": rms, "dw_over_w": dw / rms if rms else 0.0}
     return out
 

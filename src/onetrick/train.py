@@ -22,6 +22,8 @@ from .config import TrainConfig
 from .distributed.runtime import Runtime, launch
 from .distributed.strategy import StepStats, Strategy
 from .evaluate import evaluate
+from .perf.memory import gather_peaks, reset_peak
+from .perf.memory_model import predicted_for_run
 from .records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, restart_count, weights_copy
 from .recipe import schedule_factor, set_lr, warmup_progress
 from .source import Source
@@ -89,6 +91,7 @@ def check_finite(seen: dict, cfg: TrainConfig) -> None:
 
 
 def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dict:
+    reset_peak(rt.device)   # this worker's own peak, from here (a one-worker run is the launcher's process)
     data, strategy = setup(rt, cfg, source)
     total, per_epoch = total_steps(data, cfg), steps_per_epoch(data, cfg)
     step, totals, run_id = start(rt, cfg, strategy)
@@ -154,8 +157,12 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
             totals.checkpoint_s += time.perf_counter() - ckpt_start
     bar.close()
+    peaks = gather_peaks(rt.device)   # collective: every worker's peak, to worker 0's summary
     summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
+               "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_worker": peaks,
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
+    if rt.is_main and source is None:   # the cost model's figure for this run, by part
+        summary["predicted_memory"] = predicted_for_run(cfg, data)
     if cfg.plan:   # --strategy/--scheme auto: the plan, its prediction and this run's measured step
         summary["plan"] = {**cfg.plan, "measured_step_ms": _median_ms(step_times[1:] or step_times)}
     log.summary(cfg.out, summary)

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", choices=sorted(p for p in PROFILES if p != "this-device"), default="this-cpu",
                    help="this-cpu: layers timed here; else FLOP at a GPU profile's rate")
     p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / K, at least 1)")
+    p.add_argument("--memory-per-worker", type=float, default=None, metavar="GB",
+                   help="memory each worker has (GB); candidates whose predicted peak exceeds it are dropped. Default: "
+                        "this-cpu: this machine's available memory / K; a GPU profile: no limit")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_plan)
 
@@ -91,6 +94,33 @@ def _link(choice: str | float, k: int, collective_us: float, threads: int, this_
                   "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor}, named
 
 
+def plan_memory(model: str, classes: int, channels: int, image: int, k: int, given_gb: float | None, device: str,
+                cfg: TrainConfig | None = None, run: str = "train"):
+    """The planner's memory check: ``(predict(variant, k, batch), bytes per worker, where
+    that figure comes from)``. Each candidate is predicted as ``train`` would hold it (the
+    model on the meta device, :mod:`onetrick.perf.memory_model`). The memory per worker is
+    ``--memory-per-worker`` when given, else detected (CPU: available memory / K; a GPU
+    profile planned on this machine has no detected limit). ``run="bench"``: as the bench's
+    steps alone hold it."""
+    from .memory import available_memory
+    from .memory_model import predict_memory
+    from .netmemory import net_memory
+
+    net = net_memory(model, classes, channels, image, cfg.dropout if cfg else 0.5)
+    extra = ({"precision": cfg.precision, "on_nan": cfg.on_nan, "weight_decay": cfg.weight_decay > 0}
+             if cfg is not None else {})
+
+    def predict(variant, workers, batch):
+        return predict_memory(net, variant, workers, batch, device=device, run=run, **extra)
+
+    if given_gb is not None:
+        return predict, int(given_gb * 1e9), "--memory-per-worker"
+    if device != "cpu" and cfg is None:
+        return predict, None, "no limit given"
+    available, source = available_memory(device, k)
+    return predict, available, source
+
+
 def _slow(k: int, threads: int) -> float:
     """K workers of T threads on this machine's cores: each gets ``cores / (K*T)`` of a core."""
     return max(1.0, k * threads / (os.cpu_count() or 1))
@@ -121,7 +151,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
         prof = PROFILES[args.profile]
         costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
-    plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch)
+    memory, available, source = plan_memory(args.model, classes, 3, image, args.workers, args.memory_per_worker,
+                                            "cpu" if args.profile == "this-cpu" else "cuda")
+    try:
+        plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch, memory=memory,
+                         available=available, available_from=source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
               "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
     record["link"] = {**named, **record["link"]}   # the link used: its name, Gbit/s, latency, fixed costs
@@ -138,13 +174,18 @@ def format_plan(plan: Plan, record: dict) -> str:
             f"{lk.collective_us:.0f} us per collective"
             + (f" + {lk.sync_us / 1e3:.1f} ms per rendezvous on shared cores" if lk.sync_us else "")
             + f" ({record['link_probe'].get('kind', 'none')})")
-    lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | runnable |",
-             "|---|---:|---:|---:|---|---:|---|"]
+    lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | "
+                       "memory per worker GB | runnable |",
+             "|---|---:|---:|---:|---|---:|---:|---|"]
     for c in plan.candidates:
         r = c.result
         tags = ", ".join(f"{t} {n / 1e6:.2f}" for t, n in sorted(r.bytes.items()) if n) or "none"
+        mem = "-" if c.memory_bytes is None else f"{c.memory_bytes / 1e9:.2f}" + ("" if c.fits else " (does not fit)")
         lines.append(f"| {c.label} | {c.batch} | {r.step_s * 1e3:.1f} | {c.speedup:.2f}x | {tags} | "
-                     f"{r.exposed_s * 1e3:.1f} | {'yes' if c.runnable else 'planned'} |")
+                     f"{r.exposed_s * 1e3:.1f} | {mem} | {'yes' if c.runnable else 'planned'} |")
+    if plan.available is not None:
+        lines += ["", f"memory per worker: {plan.available / 1e9:.1f} GB ({plan.available_from}); predicted peaks "
+                      "as `onetrick train` holds them (perf/memory_model.py)"]
     lines += ["", f"choice: {plan.reason}", f"(planned in {record['planner_s']:.1f} s)"]
     return "\n".join(lines)
 
@@ -179,9 +220,14 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
     threads = cfg.threads or _default_threads(cfg.workers)
     blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
     probe = measured_link(cfg.workers, threads)
-    plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
-                     cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None, cfg.lr_scale,
-                     runnable_only=True)
+    memory, available, source = plan_memory(cfg.model, data.num_classes, data.in_channels, data.image_size,
+                                            cfg.workers, cfg.memory_per_worker, cfg.device, cfg)
+    try:
+        plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
+                         cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None,
+                         cfg.lr_scale, runnable_only=True, memory=memory, available=available, available_from=source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     v = plan.choice.variant
     resolved = cfg.replace(strategy=v.strategy, sync=v.sync or cfg.sync, scheme=v.scheme, cut=v.cut,
                            batch=plan.choice.batch)

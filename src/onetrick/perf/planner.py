@@ -20,6 +20,7 @@ and threads); :mod:`~onetrick.perf.probe` measures gloo between K local workers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .blocks import Block, describe
@@ -37,6 +38,12 @@ class Candidate:
     batch: int
     result: StepResult
     speedup: float
+    memory: object | None = None     # perf.memory_model.MemoryPrediction: the peak per worker, by part
+    fits: bool = True                # the peak fits in the memory each worker has
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return self.memory.total if self.memory is not None else None
 
     @property
     def runnable(self) -> bool:
@@ -54,7 +61,9 @@ class Candidate:
         return {"label": self.label, "strategy": v.strategy, "sync": v.sync, "scheme": v.scheme,
                 "fc_batch": v.fc_batch, "cut": v.cut, "batch": self.batch, "predicted_step_ms": r.step_s * 1e3,
                 "speedup": self.speedup, "bytes": dict(r.bytes), "bytes_total": r.bytes_total,
-                "exposed_ms": r.exposed_s * 1e3, "compute_ms": r.compute_s * 1e3, "runnable": self.runnable}
+                "exposed_ms": r.exposed_s * 1e3, "compute_ms": r.compute_s * 1e3, "runnable": self.runnable,
+                "memory_bytes": self.memory_bytes, "fits": self.fits,
+                "memory": self.memory.as_dict() if self.memory is not None else None}
 
 
 @dataclass
@@ -67,11 +76,19 @@ class Plan:
     candidates: list[Candidate]
     choice: Candidate
     reason: str
+    available: int | None = None     # bytes of memory per worker the candidates were checked against
+    available_from: str = ""         # where that figure comes from
+
+    @property
+    def dropped(self) -> list[Candidate]:
+        """The candidates whose peak memory per worker does not fit."""
+        return [c for c in self.candidates if not c.fits]
 
     def as_dict(self) -> dict:
         return {"workers": self.k, "batch": self.batch,
                 "link": dataclasses.asdict(self.link),
                 "choice": self.choice.row(), "reason": self.reason,
+                "memory_per_worker_available": self.available, "memory_available_from": self.available_from,
                 "candidates": [c.row() for c in self.candidates]}
 
 
@@ -101,9 +118,13 @@ def candidate_variants(blocks: list[Block], k: int, batch: int, fc_batch: str = 
 
 def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link: Link = Link(), slow: float = 1.0,
               fc_batch: str = "full", only: str | None = None, cut: int | None = None, lr_scale: str = "none",
-              runnable_only: bool = False) -> Plan:
+              runnable_only: bool = False, memory: Callable | None = None, available: int | None = None,
+              available_from: str = "") -> Plan:
     """Predict every candidate; choose the fastest (``runnable_only``: of those ``train``
-    can run). ``slow`` multiplies compute (K workers sharing cores)."""
+    can run). ``slow`` multiplies compute (K workers sharing cores). ``memory(variant, k,
+    batch)`` (a :class:`~onetrick.perf.memory_model.MemoryPrediction` per candidate) and
+    ``available`` (bytes per worker, from ``available_from``): a candidate whose peak does
+    not fit is kept in the table, marked, and never chosen; ValueError (one line) if none fits."""
     one = predict(blocks, costs, Variant("single"), 1, batch)
     base_ips = batch / one.step_s if one.step_s else 0.0
     found = []
@@ -113,13 +134,34 @@ def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link
         except ValueError:   # not modelled here (two towers at K=2, more workers than neurons)
             continue
         ips = images_per_step(variant.strategy, k, b) / r.step_s if r.step_s else 0.0
-        found.append(Candidate(variant, b, r, ips / base_ips if base_ips else 0.0))
+        mem = memory(variant, k, b) if memory is not None else None
+        fits = mem is None or available is None or mem.total <= available
+        found.append(Candidate(variant, b, r, ips / base_ips if base_ips else 0.0, mem, fits))
     if not found:
         raise ValueError(f"no plan of this model is modelled at {k} workers")
     found.sort(key=lambda c: (c.result.step_s, c.result.bytes_total))
-    pool = [c for c in found if c.runnable] if runnable_only else found
+    pool = [c for c in found if c.runnable and c.fits] if runnable_only else [c for c in found if c.fits]
+    if not pool:
+        from .memory import gb
+
+        least = min(found, key=lambda c: c.memory_bytes)
+        raise ValueError(f"no plan fits in the {gb(available)} of memory per worker ({available_from}): the smallest, "
+                         f"{least.label}, needs {gb(least.memory_bytes)} per worker; use more workers, a smaller "
+                         f"--batch, or more memory (--memory-per-worker GB)")
     choice = pool[0]
-    return Plan(k, batch, link, found, choice, explain(choice, found, blocks))
+    reason = explain(choice, [c for c in found if c.fits], blocks) + _dropped(found, available, available_from)
+    return Plan(k, batch, link, found, choice, reason, available, available_from)
+
+
+def _dropped(candidates: list[Candidate], available: int | None, available_from: str) -> str:
+    """The clause of the choice line naming the candidates left out for memory, and why."""
+    out = [c for c in candidates if not c.fits]
+    if not out:
+        return ""
+    from .memory import gb
+
+    named = ", ".join(f"{c.label} needs {gb(c.memory_bytes)}" for c in sorted(out, key=lambda c: c.memory_bytes))
+    return f"; dropped, do not fit in memory: {named} per worker, {gb(available)} available ({available_from})"
 
 
 def explain(choice: Candidate, candidates: list[Candidate], blocks: list[Block]) -> str:

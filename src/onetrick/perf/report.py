@@ -18,7 +18,8 @@ __all__ = ["COLUMNS", "PAPER_SPEEDUPS", "bench_report", "bench_table", "bytes_ta
            "write_simulation"]
 
 COLUMNS = ["strategy", "K", "(conv, FC) batch", "step ms", "images/s", "speedup", "efficiency", "of ceiling", "weights MB",
-           "activations MB", "other MB", "collectives/step", "comm est ms", "exposed ms", "hidden", "other procs (cores)"]
+           "activations MB", "other MB", "collectives/step", "comm est ms", "exposed ms", "hidden", "other procs (cores)",
+           "peak memory per worker GB", "predicted GB"]
 
 #: the paper's measured speedups (docs/PAPER.md) for K GPUs, hybrid scheme (b)
 PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0, 2: 1.93, 4: 3.66, 8: 6.16}}
@@ -39,12 +40,25 @@ def bench_table(result: dict) -> str:
             f"{r['bytes_weights'] / 1e6:.3f} | "
             f"{r['bytes_activations'] / 1e6:.3f} | {r['bytes_other'] / 1e6:.3f} | {fmt(r.get('collectives_per_step'), 'g')} | "
             f"{fmt(r['comm_est_ms'], '.1f')} | "
-            f"{fmt(r['exposed_ms'], '.1f')} | {fmt(r['hidden'], '.0%')} | {fmt(r['foreign_cores'], '.2f')} |")
+            f"{fmt(r['exposed_ms'], '.1f')} | {fmt(r['hidden'], '.0%')} | {fmt(r['foreign_cores'], '.2f')} | "
+            f"{_gb(r.get('peak_memory_bytes'))} | {_predicted_gb(r)} |")
         b = r.get("baseline") or (result.get("baseline") if r["strategy"] == "single" and r["workers"] == 1 else None)
         if b:
             lines.append(f"| torch loop (plain PyTorch){'/bf16' if r.get('precision') == 'bf16' else ''} | 1 | {r['batches']} | {b['torch_loop_step_ms']:.1f} | "
                          f"{b['torch_loop_images_per_s']:.1f} |" + " - |" * (len(COLUMNS) - 5))
+    for s in result.get("skipped") or []:   # left out before launch: they cannot fit here
+        lines.append(f"| {s['label']} | {s['workers']} | not run: {s['reason']} |" + " - |" * (len(COLUMNS) - 3))
     return "\n".join(lines)
+
+
+def _gb(nbytes: float | None) -> str:
+    return "-" if not nbytes else f"{nbytes / 1e9:.2f}"
+
+
+def _predicted_gb(row: dict) -> str:
+    """The predicted peak per worker, and its error against the measured one."""
+    pred, err = row.get("predicted_memory_bytes"), row.get("memory_error")
+    return _gb(pred) + (f" ({err:+.0%})" if err is not None else "")
 
 
 def bench_report(result: dict) -> str:
@@ -67,7 +81,10 @@ def bench_report(result: dict) -> str:
     out += [lk + ".", "", f"{result['warmup']} warm-up steps, median of {result['steps']} measured steps"
             + (f"; each configuration run {rounds} times, interleaved; reported: the fastest of the rounds in which "
                "other processes used least CPU (within 0.1 core)" if rounds > 1 else "") + ". `other procs`: cores used by other processes "
-            "while the steps were measured (the machine is shared).", "", bench_table(result)]
+            "while the steps were measured (the machine is shared). `peak memory per worker`: the largest of the "
+            "workers' peaks (RSS high-water mark on the CPU, `torch.cuda.max_memory_allocated` on CUDA); `predicted`: "
+            "the memory model's peak per worker (`onetrick.perf.memory_model`) and its error against the measured one.",
+            "", bench_table(result)]
     taxes = [r for r in result["rows"] if r.get("baseline")] or ([{"baseline": result["baseline"]}]
                                                                   if result.get("baseline") else [])
     for r in taxes:

@@ -67,6 +67,7 @@ from pathlib import Path
 
 from ..argtypes import link_mbps
 from ..config import ConfigError, TrainConfig
+from .bench_memory import fitting_jobs, memory_columns
 from .costmodel import variant_label
 from .report import fmt
 from .workers import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
@@ -76,6 +77,8 @@ __all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_ben
 #: the paper's machine: ~1 TFLOP/s achieved per GPU per ~6 GB/s of PCIe 3
 PAPER_FLOP_PER_BYTE = 1e12 / 6e9
 MASTER_PORT = 29511
+
+
 _WORKER_FNS = {"bench": bench_worker, "link": link_worker}
 
 
@@ -260,18 +263,19 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                                fc_batch=job.fc_batch, batch=job.batch or args.batch, precision=job.precision,
                                comm_dtype=job.comm_dtype)
         cfgs.append(cfg.validate())
+    jobs, cfgs, predicted, skipped = fitting_jobs(jobs, cfgs, log, getattr(args, "memory_per_worker", None))
     gflops = matmul_gflops(args.threads)
     mbps, link_note = resolve_link(args.link_mbps, gflops)
     kmax = max(j.workers for j in jobs)
     load_before = os.getloadavg()
     result = {"command": None, "machine": machine_info(), "model": args.model, "image_size": image, "data": args.data,
               "batch": args.batch, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
-              "device": base.device, "gpu": gpu_name(base.device),
-              "rounds": args.rounds,
+              "device": base.device, "gpu": gpu_name(base.device), "rounds": args.rounds,
               "cpu_gflops_per_worker": gflops, "paper_flop_per_byte": PAPER_FLOP_PER_BYTE,
               "link": {"shaped_mbps": mbps, "note": link_note,
                        "kind": "network namespaces, veth + bridge, tc tbf" if mbps else "one host (loopback)"},
-              "load_before": load_before, "rows": [], "baseline": None}
+              "load_before": load_before, "rows": [], "baseline": None, "skipped": skipped,
+              "memory_per_worker": getattr(args, "memory_per_worker", None)}
     net = None
     old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -307,7 +311,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
                     lk = res[0]["link"]
                     result["link"].update(lk)
                     log(f"link: measured {lk['measured_mbps']:.0f} Mbit/s, latency {lk['latency_us']:.0f} us ({link_note})")
-                row = _summarize(job, job.batch or args.batch, res)
+                row = _summarize(job, job.batch or args.batch, res, predicted[idx])
                 row["round"] = rnd
                 if job.baseline and res[0]["plain_s"]:
                     plain = statistics.median(res[0]["plain_s"]) * 1e3
@@ -336,7 +340,7 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     return result
 
 
-def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
+def _summarize(job: Job, b: int, res: dict[int, dict], predicted=None) -> dict:
     r0 = res[0]
     step = statistics.median(r0["step_s"])
     k = job.workers
@@ -356,7 +360,7 @@ def _summarize(job: Job, b: int, res: dict[int, dict]) -> dict:
             "comm_wait_ms": statistics.mean(r["comm_wait_s"] for r in ranks) * 1e3,
             "collectives_per_step": statistics.median(r0.get("calls_total") or [0]),
             "collectives": r0.get("calls", {}),
-            "foreign_cores": _foreign(ranks)}
+            "foreign_cores": _foreign(ranks), **memory_columns(res, predicted)}
 
 
 def _foreign(ranks: list[dict]) -> float | None:

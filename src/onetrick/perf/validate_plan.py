@@ -11,11 +11,15 @@ busy workers' cost per rendezvous and per MB overlapped); plus, from the bench, 
 compute slowdown of K workers sharing the machine (the ``independent`` row's step over
 the predicted ``single`` step; without one, time-sharing of the cores). Reported per K:
 the pick's measured step against the best measured candidate's, and per row the
-prediction's error, with and without the probe's busy-worker and per-op terms.
+prediction's error, with and without the probe's busy-worker and per-op terms. The pick is
+of the plans that fit in memory (the bench's steps, :mod:`~onetrick.perf.memory_model`,
+against ``--memory-per-worker`` or this machine's available memory / K): the bench left out
+the jobs that do not, and the planner drops them.
 """
 from __future__ import annotations
 
 from .costmodel import Link, Variant, predict
+from .plan import plan_memory
 from .planner import make_plan, measured_costs
 from .probe import measured_link
 
@@ -47,7 +51,8 @@ def validate_plan(result: dict) -> dict:
     """Per K: the planner's pick, the best measured candidate, the gap; per row: predicted
     and measured step ms."""
     batch, threads = result["batch"], result.get("threads", 1)
-    blocks, costs = measured_costs(result["model"], _classes(result["data"]), 3, result["image_size"], batch, threads)
+    classes = _classes(result["data"])
+    blocks, costs = measured_costs(result["model"], classes, 3, result["image_size"], batch, threads)
     cores = result.get("machine", {}).get("cores")
     single_ms = predict(blocks, costs, Variant("single"), 1, batch).step_s * 1e3
     out = []
@@ -59,10 +64,13 @@ def validate_plan(result: dict) -> dict:
         probe = measured_link(k, threads)   # what train --strategy auto measures at start-up
         link = Link.from_measured(probe)
         bare = link.idle()
-        plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True)
+        memory, available, source = plan_memory(result["model"], classes, 3, result["image_size"], k,
+                                                result.get("memory_per_worker"), result.get("device", "cpu"), run="bench")
+        plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True, memory=memory, available=available,
+                         available_from=source)
         before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
-        pick = min(ran, key=lambda c: c.result.step_s)
+        pick = min((c for c in ran if c.fits), key=lambda c: c.result.step_s)   # what it would pick of what ran
         best = min(measured.values(), key=lambda r: r["step_ms"])   # every candidate's step is K*B examples
         rows = [{"label": c.label, "predicted_step_ms": c.result.step_s * 1e3,
                  "measured_step_ms": measured[c.label]["step_ms"],
@@ -72,7 +80,8 @@ def validate_plan(result: dict) -> dict:
                     "sync_us": link.sync_us, "overlap_us_per_mb": link.overlap_us_per_mb, "op_factor": link.op_factor,
                     "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
                     "best": best["label"], "best_measured_ms": best["step_ms"],
-                    "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason, "rows": rows})
+                    "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason,
+                    "dropped": [c.label for c in plan.dropped], "rows": rows})
     every = [r for k in out for r in k["rows"]]
     return {"model": result["model"], "image_size": result["image_size"], "batch": batch, "threads": threads,
             "per_k": out, "within_15": sum(abs(r["error"]) <= 0.15 for r in every),
@@ -92,6 +101,7 @@ def plan_report(v: dict) -> str:
     for k in v["per_k"]:
         lines.append(f"| {k['workers']} | {k['pick']} | {k['pick_measured_ms']:.1f} | {k['best']} | "
                      f"{k['best_measured_ms']:.1f} | {k['gap']:+.1%} |")
+    lines += [""] + [f"K={k['workers']}: {k['reason']}" + ("" if k["reason"].endswith(".") else ".") for k in v["per_k"]]
     lines += ["", "| K | candidate | predicted step ms | measured step ms | error | error without the measured terms |",
               "|---:|---|---:|---:|---:|---:|"]
     for k in v["per_k"]:

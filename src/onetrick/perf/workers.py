@@ -32,13 +32,16 @@ def _batches(data, rank: int, world: int, batch: int, count: int = 2) -> list[tu
 
 
 def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
-    """Runs on every worker: warm up, then time ``job['steps']`` barrier-bracketed steps."""
+    """Runs on every worker: warm up, then time ``job['steps']`` barrier-bracketed steps;
+    report them and this worker's peak memory from its start (:mod:`onetrick.perf.memory`)."""
     import torch.distributed as dist
 
     from ..data import build_data
     from ..distributed import parallelize
     from ..models import build_model
+    from .memory import peak_bytes, reset_peak
 
+    reset_peak(rt.device)
     data = build_data(cfg.data, cfg.image_size)
     torch.manual_seed(cfg.seed)
     if rt.device.type == "cuda":
@@ -104,7 +107,7 @@ def bench_worker(rt, cfg: TrainConfig, job: dict) -> dict:
         calls.append(snap["calls"])
     busy1, cpu1, wall1 = machine_busy_s(), time.process_time(), time.perf_counter()
     tags = sorted({t for s in sent for t in s})
-    return {"rank": rt.rank, "step_s": step_s, "local_s": local_s, "plain_s": plain_s,
+    return {"rank": rt.rank, "step_s": step_s, "local_s": local_s, "plain_s": plain_s, "peak_memory_bytes": peak_bytes(rt.device),
             "window_s": wall1 - wall0, "cpu_s": cpu1 - cpu0, "machine_busy_s": busy1 - busy0,
             "comm_wait_s": statistics.mean(waits) if waits else 0.0,
             "bytes": {t: statistics.mean(s.get(t, 0) for s in sent) for t in tags},
