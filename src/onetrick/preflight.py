@@ -130,10 +130,7 @@ def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -
         return
     torchrun = under_torchrun()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else cfg.process_count
-    if cfg.memory_per_worker is not None:
-        available, source = int(cfg.memory_per_worker * 1e9), "--memory-per-worker"
-    else:
-        available, source = available_memory(cfg.device, local, in_process=local == 1 and not torchrun)
+    available, source = available_memory(cfg.device, local, local == 1 and not torchrun, cfg.memory_per_worker)
     if available is None:
         return
     try:

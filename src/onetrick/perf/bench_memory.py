@@ -31,10 +31,7 @@ def fitting_jobs(jobs: list, cfgs: list[TrainConfig], log, memory_per_worker: fl
     keep, skipped = ([], [], []), []
     for job, cfg in zip(jobs, cfgs):
         pred, k = predicted_memory(cfg, job.baseline), job.workers
-        if memory_per_worker is not None:
-            avail, how = int(memory_per_worker * 1e9), "--memory-per-worker"
-        else:
-            avail, how = available_memory(cfg.device, k, in_process=k == 1)
+        avail, how = available_memory(cfg.device, k, k == 1, memory_per_worker)
         if pred is not None and avail is not None and pred.total > avail:
             why = f"needs {gb(pred.total)} per worker, {gb(avail)} available ({how})"
             log(f"{job.label:>16} K={k}: not run: {why}")

@@ -81,21 +81,26 @@ def gather_peaks(device: torch.device | str = "cpu") -> list[int]:
     return [int(x.item()) for x in out]
 
 
-def available_memory(device: str = "cpu", local_workers: int = 1, in_process: bool = False) -> tuple[int | None, str]:
-    """Memory one worker may use, and where the figure comes from: on CUDA the device's
-    total memory; on the CPU the machine's available memory (``MemAvailable`` of
-    ``/proc/meminfo``) shared among the ``local_workers`` of this machine. ``in_process``:
-    the one worker runs in this process (a one-worker run), so what it holds now counts too."""
+def available_memory(device: str = "cpu", local_workers: int = 1, in_process: bool = False,
+                     given_gb: float | None = None) -> tuple[int | None, str]:
+    """Memory one worker may use, and where the figure comes from: ``given_gb``
+    (``--memory-per-worker``) when set; else on CUDA the device's total memory; on the CPU
+    the machine's available memory (``MemAvailable`` of ``/proc/meminfo``) shared among the
+    ``local_workers`` of this machine. ``in_process``: the one worker runs in this process
+    (a one-worker run), so what it holds now counts too."""
+    if given_gb is not None:
+        return int(given_gb * 1e9), "--memory-per-worker"
     if device == "cuda":
         if not torch.cuda.is_available():
             return None, "no CUDA device"
         return int(torch.cuda.get_device_properties(0).total_memory), "the GPU's total memory"
     avail = None
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-                break
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         avail = None
     if avail is None:

@@ -113,11 +113,9 @@ def plan_memory(model: str, classes: int, channels: int, image: int, k: int, giv
     def predict(variant, workers, batch):
         return predict_memory(net, variant, workers, batch, device=device, run=run, **extra)
 
-    if given_gb is not None:
-        return predict, int(given_gb * 1e9), "--memory-per-worker"
-    if device != "cpu" and cfg is None:
+    if given_gb is None and device != "cpu" and cfg is None:
         return predict, None, "no limit given"
-    available, source = available_memory(device, k)
+    available, source = available_memory(device, k, given_gb=given_gb)
     return predict, available, source
 
 
