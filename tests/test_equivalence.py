@@ -137,6 +137,7 @@ def test_torchvision_alexnet_strategies_equal_one_worker():
             assert_same_weights(results[rank][i], want, f"alexnet {changes} rank {rank}")
 
 
+@pytest.mark.slow   # the same classifier layout as torchvision's alexnet, tested above with every strategy
 @pytest.mark.timeout(300)
 def test_torchvision_vgg11_hybrid_step_equals_one_worker():
     """vgg11 (129M weights, 120M of them in the head) at the smallest image it takes, 32x32:

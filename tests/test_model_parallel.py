@@ -8,12 +8,16 @@ import torch.nn.functional as F
 
 from onetrick.distributed.runtime import WorkerFailure, launch
 from workers import (
+    NARROW,
     base_config,
+    evaluation_of,
     hang_or_die,
     one_step_bytes,
     sharded_loss_and_grads,
+    sharded_top_classes_of,
     two_tower_batches,
     two_tower_steps,
+    tiny_model,
 )
 
 
@@ -34,6 +38,49 @@ def test_sharded_cross_entropy_equals_dense_at_100k_classes(k, classes):
         # one all-gather of 4 scalars per example and worker, never the (N, classes) logits
         assert got["bytes"]["fc_activations"] == (k - 1) / k * k * n * 4 * 4
         assert got["calls"] == {"fc_activations/all_gather": 1}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("k", "classes", "views"), [(2, 100_003, 1), (3, 100_003, 3), (4, 3, 2)])
+def test_sharded_top5_equals_dense_without_assembling_the_logits(k, classes, views):
+    """Evaluation's top-5 over a class-sharded head: the dense answer (by logit, or by the
+    softmax averaged over views) on every worker, from K x 5 (score, class) pairs per example
+    (and one log-sum-exp per row with views); 3 classes over 4 workers: one owns none."""
+    n = 7
+    results = launch(sharded_top_classes_of, base_config(workers=k), classes, n, views, nprocs=k)
+    logits = torch.randn(n * views, classes, generator=torch.Generator().manual_seed(4)) * 4
+    scores = logits.softmax(-1).view(n, views, -1).mean(1) if views > 1 else logits
+    expected = scores.topk(min(5, classes), dim=1).indices
+    for got in results.values():
+        assert torch.equal(got["top"], expected)
+        pairs = (k - 1) * n * 5 * 2 * 8                      # float64 (score, class) pairs from the others
+        assert got["bytes"]["eval"] == pairs + ((k - 1) * n * views * 4 if views > 1 else 0)
+        assert got["bytes"]["eval"] < n * classes * 4 or classes < 100   # far below the (N, classes) logits
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("k", "strategy", "views"), [(2, "hybrid", 10), (3, "model", 1)])
+def test_sharded_evaluation_equals_a_dense_loop(k, strategy, views):
+    """The test error of a class-sharded head (each worker its classes' logits, top-5
+    merged) is what a plain loop over the dense model computes, image by image."""
+    from onetrick.data import build_data
+
+    classes = 12
+    got = launch(evaluation_of, base_config(workers=k, strategy=strategy), classes, views, nprocs=k)
+    model = tiny_model(NARROW, classes).eval()
+    test = build_data(f"synthetic:{classes}", image_size=16).test(views=views)
+    top1 = top5 = 0
+    with torch.no_grad():
+        for i in range(len(test)):
+            image, label = test[i]
+            scores = model(image if views > 1 else image[None]).softmax(-1).mean(0) if views > 1 else model(image[None])[0]
+            best = scores.topk(5).indices.tolist()
+            top1 += best[0] != label
+            top5 += label not in best
+    for result in got.values():
+        assert result["test_examples"] == len(test)
+        assert result["top1_error"] == pytest.approx(top1 / len(test), abs=1e-12)
+        assert result["top5_error"] == pytest.approx(top5 / len(test), abs=1e-12)
 
 
 @pytest.mark.timeout(300)

@@ -91,10 +91,11 @@ def test_resume_with_another_model_is_rejected(tmp_path):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("strategy", [  # data and model: their steps equal the reference's (test_equivalence)
+@pytest.mark.parametrize("strategy", [  # their steps equal the reference's (test_equivalence); minutes each
     pytest.param(["--strategy", "data"], marks=pytest.mark.slow, id="data"),
     pytest.param(["--strategy", "model"], marks=pytest.mark.slow, id="model"),
-    pytest.param(["--strategy", "hybrid", "--scheme", "b", "--fc-batch", "worker"], id="hybrid-b-worker")])
+    pytest.param(["--strategy", "hybrid", "--scheme", "b", "--fc-batch", "worker"], marks=pytest.mark.slow,
+                 id="hybrid-b-worker")])
 def test_two_workers_train_the_default_network(tmp_path, strategy):
     """K=2 from the command line, 3 epochs of the bundled digits: real accuracy."""
     batch = "32" if strategy[1] == "model" else "16"   # model parallel: both workers see the batch
@@ -130,6 +131,11 @@ def test_torchrun_runs_the_same_job_as_the_built_in_launcher(tmp_path):
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    # 2 rounds of (broadcast, fc6->fc7 gather and scatter, logits all-reduce), labels, the
+    # activation gradients' reduce-scatter, the trunk's reduce-scatter and all-gather
+    counts = [json.loads((tmp_path / run / "summary.json").read_text())["collectives_per_step_total"]
+              for run in ("own", "torchrun")]
+    assert counts == [12, 12], counts
     wrong = subprocess.run([*torchrun, "--workers", "3", *job, "--out", str(tmp_path / "wrong")], capture_output=True,
                            text=True, timeout=200, env=env)
     assert wrong.returncode != 0

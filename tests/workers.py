@@ -132,6 +132,39 @@ def sharded_loss_and_grads(rt, cfg, classes: int, n: int) -> dict:
             "calls": sent["calls"]}
 
 
+def sharded_top_classes_of(rt, cfg, classes: int, n: int, views: int) -> dict:
+    """The k=5 best classes from class-sharded logits, and the bytes that took."""
+    from onetrick.distributed.comm import Comm
+    from onetrick.distributed.tensor_parallel import shard_range, sharded_top_classes
+
+    comm = Comm()
+    logits = torch.randn(n * views, classes, generator=torch.Generator().manual_seed(4)) * 4
+    start, end = shard_range(classes, comm.size, comm.rank)
+    top = sharded_top_classes(logits[:, start:end].clone(), 5, views, start, classes, comm)
+    return {"top": top, "bytes": comm.take()["bytes"]}
+
+
+def evaluation_of(rt, cfg, classes: int, views: int) -> dict:
+    """``onetrick.evaluate`` of the tiny model (class-sharded classifier) on synthetic data."""
+    from onetrick.data import build_data
+    from onetrick.evaluate import evaluate
+
+    data = build_data(f"synthetic:{classes}", image_size=16)
+    strategy = parallelize(tiny_model(NARROW, classes), cfg, rt)
+    return evaluate(strategy, data, cfg.replace(eval_views=views, batch=64))
+
+
+def head_devices(rt, cfg) -> dict:
+    """Where the parameters of the dense model's head layers, and of the shard, live once
+    the model is parallelised."""
+    model = tiny_model(NARROW, 12)
+    dense_head = model.head   # model parallelism replaces it in the model by the shard
+    strategy = parallelize(model, cfg, rt)
+    linears = [m for m in dense_head if isinstance(m, nn.Linear)]
+    return {"dense": [m.weight.device.type for m in linears],
+            "shard": sorted({p.device.type for p in strategy.head.parameters()})}
+
+
 def two_tower_steps(rt, cfg, steps: int, b: int) -> dict:
     """alexnet2012 (10 classes, no dropout) under the configured strategy, same batches everywhere."""
     from onetrick.models import build_model

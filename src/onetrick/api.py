@@ -80,11 +80,15 @@ def parallelize(model: nn.Module, strategy: str = "hybrid", *, head: str | None 
     worker starts equal. ``options``: :class:`TrainConfig` fields (``lr``, ``momentum``,
     ``scheme``, ``fc_batch``, ``device``, ...). The step API of the returned strategy:
     ``train_step(images, targets)`` (forward, backward, communication, update; returns
-    ``StepOutput(loss, errors, count)`` over the global batch), ``logits(images)``,
+    ``StepOutput(loss, errors, count)`` over the global batch), ``logits(images)`` (every
+    class's), ``top_classes(images, k)`` (the k best, without assembling a sharded head's logits),
     ``set_training(mode)``, ``data_rank``/``data_world`` (which shard of the data this
     worker reads), ``optimizers()`` (for a schedule), ``state_dict()`` /
     ``load_state_dict()`` (checkpoints) and ``full_state_dict()`` (unsharded weights,
     collective). Asynchronous strategies run their own loops: use :func:`fit`.
+    Under ``model`` and ``hybrid`` the head's dense layers in ``model`` are moved to the
+    meta device once this worker has copied its shard (a million-class head is not kept
+    twice): use the strategy, or ``full_state_dict()``, from then on.
     """
     import torch.distributed as dist
 

@@ -33,12 +33,8 @@ def evaluate(strategy, data: DataBundle, cfg: TrainConfig) -> dict[str, float]:
         mask = valid[seen:seen + len(targets)]
         seen += len(targets)
         images, targets = images.to(device), targets.to(device)
-        if images.ndim == 5:  # (N, views, C, H, W): average the softmax over views
-            n, v = images.shape[:2]
-            probs = strategy.logits(images.flatten(0, 1)).softmax(-1).view(n, v, -1).mean(1)
-        else:
-            probs = strategy.logits(images)
-        top5 = probs.topk(min(5, probs.shape[-1]), dim=-1).indices.cpu()
+        views = images.shape[1] if images.ndim == 5 else 1   # (N, views, C, H, W): softmax averaged over views
+        top5 = strategy.top_classes(images.flatten(0, 1) if views > 1 else images, 5, views).cpu()
         hit = top5 == targets.cpu()[:, None]
         counts += torch.stack([(~hit[:, 0] & mask).sum(), (~hit.any(1) & mask).sum(), mask.sum()]).double()
     if strategy.data_world > 1:

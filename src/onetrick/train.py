@@ -135,6 +135,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
             record["skipped_steps"] = totals.skipped
             if rt.is_main:
                 record["layers"] = layer_stats(strategy.named_weights(), before)
+                before = {}   # the weights' copy (a whole model's worth): freed before the evaluation
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", err=f"{record['train_error']:.3f}")
             interval_start, interval_images = now, 0

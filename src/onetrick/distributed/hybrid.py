@@ -137,8 +137,16 @@ class Hybrid(ShardedHeadStrategy):
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation by scheme (a): the same function whatever the training scheme."""
-        every = self.full_logits(self.head(gather_rows(self.model.features(images), self.comm)))
+        every = self.full_logits(self._head_of_all(images))
         return every.view(self.comm.size, len(images), -1)[self.comm.rank]
+
+    @torch.no_grad()
+    def top_classes(self, images: torch.Tensor, k: int = 5, views: int = 1) -> torch.Tensor:
+        top = self.top_of_head(self._head_of_all(images), k, views)   # every worker's examples, in worker order
+        return top.view(self.comm.size, -1, top.shape[-1])[self.comm.rank]
+
+    def _head_of_all(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(gather_rows(self.model.features(images), self.comm))
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.trunk.named_parameters()) + self.head_params   # DataSide: the whole model's names

@@ -18,13 +18,14 @@ from ..config import TrainConfig
 from ..models import TrunkHeadNet
 from ..recipe import make_sgd, param_groups
 from .runtime import Runtime
-from .strategy import StepOutput, Strategy
+from .strategy import StepOutput, Strategy, top_k_classes
 from .tensor_parallel import (
     ShardedHead,
     gather_columns,
     replicated_input,
     shard_range,
     sharded_loss_and_errors,
+    sharded_top_classes,
 )
 
 
@@ -34,8 +35,13 @@ class ShardedHeadStrategy(Strategy):
 
     def __init__(self, model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> None:
         super().__init__(model, cfg, rt)
-        self.head = ShardedHead(self.model.head, self.comm)
-        self.model.head = self.head  # the dense copy is dropped: only the shard is kept
+        dense = self.model.head
+        self.head = ShardedHead(dense, self.comm)
+        self.model.head = self.head
+        # Only the shard is kept: the dense layers go to the meta device, so whatever else
+        # holds them (the whole model behind the hybrid's cut view, a caller's reference)
+        # holds no copy of a head that can be 24 GB.
+        dense.to("meta")
         self.head_params = [("head." + self.head.local_to_dense()[n], p) for n, p in self.head.named_parameters()]
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
@@ -49,6 +55,13 @@ class ShardedHeadStrategy(Strategy):
         if self.head.row_wise:
             return head_out
         return gather_columns(head_out, self.comm, self.head.widths[-1], "eval")
+
+    def top_of_head(self, head_out: torch.Tensor, k: int, views: int) -> torch.Tensor:
+        """:meth:`Strategy.top_classes` from what the head returned: the full logits if
+        row-wise, else this worker's classes, merged by :func:`sharded_top_classes`."""
+        if self.head.row_wise:
+            return top_k_classes(head_out, k, views)
+        return sharded_top_classes(head_out, k, views, self.head.class_offset, sum(self.head.widths[-1]), self.comm)
 
     def loss_and_errors(self, head_out: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean loss (differentiable) and top-1 errors, as device tensors (no host read)."""
@@ -139,6 +152,10 @@ class ModelParallel(ShardedHeadStrategy):
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.full_logits(self.head(self.features(images)))
+
+    @torch.no_grad()
+    def top_classes(self, images: torch.Tensor, k: int = 5, views: int = 1) -> torch.Tensor:
+        return self.top_of_head(self.head(self.features(images)), k, views)
 
     # -- state ------------------------------------------------------------------------
     def _trunk_state(self) -> tuple[dict, dict]:

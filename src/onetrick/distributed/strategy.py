@@ -78,6 +78,16 @@ class StepStats:
                 "examples": int(count), "nonfinite_steps": int(bad), "first_nonfinite_step": int(first_bad)}
 
 
+def top_k_classes(logits: torch.Tensor, k: int, views: int = 1) -> torch.Tensor:
+    """Indices of the ``k`` best classes of every example, best first: by logit, or with
+    ``views`` > 1 (rows ``i*views .. i*views+views-1`` are one example's views) by the mean
+    of their softmax."""
+    scores = logits.float()
+    if views > 1:
+        scores = scores.softmax(-1).view(-1, views, scores.shape[-1]).mean(1)
+    return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+
+
 def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor, skip: bool) -> None:
     """``optimizer.step()``; with ``skip``, a step whose ``finite`` flag (a device bool) is
     false leaves parameters and momentum as they were, decided on the device without a
@@ -117,14 +127,14 @@ def _in_precision(fn):
 class Strategy:
     """Base class: one process, or a data-parallel group of them (see subclasses).
 
-    Every subclass's ``train_step`` and ``logits`` run under :meth:`precision` (wrapped
+    Every subclass's ``train_step``, ``logits`` and ``top_classes`` run under :meth:`precision` (wrapped
     when the subclass is defined), so a strategy needs no code of its own for bf16."""
 
     name = "single"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        for name in ("train_step", "logits"):
+        for name in ("train_step", "logits", "top_classes"):
             if name in cls.__dict__:
                 setattr(cls, name, _in_precision(cls.__dict__[name]))
 
@@ -164,7 +174,17 @@ class Strategy:
     @_in_precision
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Every class's logits for this worker's ``images`` (evaluation mode is the caller's)."""
         return self.model(images)
+
+    @_in_precision
+    @torch.no_grad()
+    def top_classes(self, images: torch.Tensor, k: int = 5, views: int = 1) -> torch.Tensor:
+        """The ``k`` best classes (N, min(k, classes)) of each of this worker's N examples,
+        best first, from ``images`` holding ``views`` consecutive views of each (N*views
+        rows: their softmax is averaged). What evaluation needs, without assembling all
+        classes' logits where the head is sharded (:meth:`ShardedHeadStrategy.top_classes`)."""
+        return top_k_classes(self.logits(images), k, views)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """This worker's parameters under the whole model's names (for per-layer logs;

@@ -4,7 +4,13 @@ and what a worker has: :func:`available_memory`. The prediction is
 
 Measured peak, per worker process:
 
-* CPU: the process's resident-set high-water mark. ``getrusage(RUSAGE_SELF).ru_maxrss``
+* CPU: the process's private memory at its peak: the resident-set high-water mark
+  (``VmHWM``) less the file-backed pages resident at the end (``RssFile``: the shared
+  libraries' code and data, which the page cache shares between all workers and may drop;
+  how much of them a process faults in varies between machines and page-cache states,
+  by 250 MiB of this CUDA build of torch between two machines here, so counting them made
+  the figure a property of the machine's cache rather than of the run).
+  ``getrusage(RUSAGE_SELF).ru_maxrss``
   is not used as it stands: Linux carries the *parent's* high-water mark into a child
   across ``exec`` (``signal->maxrss``), so a worker spawned by a launcher that once held
   1 GiB reports 1 GiB (measured here: a spawned child that allocated nothing read
@@ -62,7 +68,8 @@ def peak_bytes(device: torch.device | str = "cpu") -> int:
     kib = _status_kib("VmHWM")
     if kib is None:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
-    return int(kib) * 1024
+        return int(kib) * 1024
+    return (kib - (_status_kib("RssFile") or 0)) * 1024
 
 
 def gather_peaks(device: torch.device | str = "cpu") -> list[int]:

@@ -13,15 +13,16 @@ __all__ = ["CPU_BASE_BYTES", "MemoryPrediction", "async_memory", "predict_for_co
            "predicted_for_run", "variant_of"]
 
 MIB = 2**20
-#: What one CPU training worker holds before its model: the interpreter, torch (this CUDA
-#: build of torch 2.14 maps about 310 MiB of shared libraries, which count in RSS), torchvision,
-#: onetrick, the gloo process group, the data loader. Measured on this 2-core machine: the peak
-#: RSS of ``onetrick train --model torchvision:shufflenet_v2_x0_5 --image-size 32 --data
-#: synthetic:10 --steps 2 --batch 2`` (a model of 0.35M parameters, so a few MiB are not base)
-#: was 732 MiB at K=1 and 726-732 MiB for every worker at K=2 and K=4; a spawned worker that
-#: only imports torch and joins gloo holds 516 MiB. On CUDA the base is the CUDA context, which
+#: What one CPU training worker holds before its model, in private memory (the measured
+#: figure, :func:`onetrick.perf.memory.peak_bytes`, leaves out the shared libraries' file
+#: pages): the interpreter, torch (its CUDA build initialises about 380 MiB of its own at
+#: import), torchvision, onetrick, the gloo process group, the data loader. Measured on this
+#: 2-core machine: the peak of ``onetrick train --model torchvision:shufflenet_v2_x0_5
+#: --image-size 32 --data synthetic:10 --steps 2 --batch 2 --strategy data --workers K``
+#: (a model of 0.35M parameters, so a few MiB are not base) was 399 MiB at K=1 and
+#: 390-395 MiB for every worker at K=2 and K=4. On CUDA the base is the CUDA context, which
 #: ``max_memory_allocated`` does not count: 0 there.
-CPU_BASE_BYTES = 725 * MIB
+CPU_BASE_BYTES = 395 * MIB
 #: DDP's construction broadcasts the parameters and buffers in coalesced buckets of this size
 #: (``_DEFAULT_BROADCAST_BUCKET_SIZE``); a bucket of more than one tensor is a flat copy.
 DDP_BROADCAST_BYTES = 250 * MIB
@@ -214,20 +215,20 @@ def _momentum_gather(buckets: list[int], k: int, cpu: bool) -> int:
 
 def _eval_bytes(net: NetMemory, strategy: str, k: int, n: int, cut: int, cpu: bool) -> int:
     """What one evaluation batch of ``n`` examples allocates beyond the model: a layer's
-    input and output in the no-grad forward, the logits, and where the head is sharded
-    the gathers that assemble every class's logits (scheme (a): K*n rows on every worker)."""
+    input and output in the no-grad forward, and the logits. A sharded head keeps its own
+    classes' logits (the top-5 is merged from K x 5 pairs per example,
+    :func:`~onetrick.distributed.tensor_parallel.sharded_top_classes`); the hybrid's head
+    runs on every worker's rows (scheme (a)), gathered; a row-wise classifier all-reduces
+    the full partial logits."""
     trunk = 2 * net.trunk_saved(n, cut).largest
     c = net.classes
     if strategy in ("single", "data") or k == 1:
         return trunk + n * c * 4
     rows = k * n if strategy == "hybrid" else n
-    width = -(-c // k)
-    head = net.sharded(cut, k)
-    if head.row_wise:
-        return trunk + 2 * rows * c * 4
-    gathered = k * rows * width * 4
-    return trunk + rows * width * 4 * 2 + gathered * (2 if cpu else 1) + rows * c * 4 + (rows * net.features(cut) * 4 * k
-                                                                                           if strategy == "hybrid" else 0)
+    gathered = rows * net.features(cut) * 4 * (2 if cpu else 1) if strategy == "hybrid" else 0
+    if net.sharded(cut, k).row_wise:
+        return trunk + gathered + 2 * rows * c * 4
+    return trunk + gathered + 2 * rows * -(-c // k) * 4   # this worker's logits, and the top-5's float copy
 
 
 # == a run's figure, and what a worker has ================================================

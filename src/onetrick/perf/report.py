@@ -82,7 +82,8 @@ def bench_report(result: dict) -> str:
             + (f"; each configuration run {rounds} times, interleaved; reported: the fastest of the rounds in which "
                "other processes used least CPU (within 0.1 core)" if rounds > 1 else "") + ". `other procs`: cores used by other processes "
             "while the steps were measured (the machine is shared). `peak memory per worker`: the largest of the "
-            "workers' peaks (RSS high-water mark on the CPU, `torch.cuda.max_memory_allocated` on CUDA); `predicted`: "
+            "workers' peaks (on the CPU private memory: the RSS high-water mark less the shared libraries' file pages; "
+            "`torch.cuda.max_memory_allocated` on CUDA); `predicted`: "
             "the memory model's peak per worker (`onetrick.perf.memory_model`) and its error against the measured one.",
             "", bench_table(result)]
     taxes = [r for r in result["rows"] if r.get("baseline")] or ([{"baseline": result["baseline"]}]

@@ -128,8 +128,12 @@ class Schedule:
         self.head = linear[cut:]
         self.features = numel(blocks[self.trunk[-1]].out_shape)
         self.params = [(i, n) for i, b in enumerate(blocks) for _, n in b.params]   # (block, numel)
-        self.trunk_numel = sum(blocks[i].numel for i in self.trunk)
-        self.head_numel = sum(blocks[j].numel for j in self.head)
+
+    def param_sizes(self, blocks: list[int] | None = None, k: int = 1) -> list[int]:
+        """Element counts of the parameter tensors of ``blocks`` (all by default), each
+        split over ``k`` workers (a sharded head's: the largest shard)."""
+        chosen = None if blocks is None else set(blocks)
+        return [-(-n // k) for b, n in self.params if chosen is None or b in chosen]
 
     def width(self, j: int, sharded: bool) -> int:
         out = self.blocks[j].linear[1]
@@ -186,7 +190,7 @@ class Schedule:
 
 
 def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params: list[tuple[int, int]],
-                        after_backward, average_update: float) -> None:
+                        after_backward) -> None:
     """Backward of the trunk (or whole model) with ShardedDataParallel: reduce-scatter
     each bucket once its gradients are ready, update the owned 1/K, all-gather."""
     k = plan.k
@@ -206,7 +210,7 @@ def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params
 
     after_backward(ready)
     w.wait(max(works, default=0.0))
-    w.compute(plan.costs.update(average_update))
+    w.compute(plan.costs.update([-(-sum(sizes[i] for i in bk) // k) for bk in buckets]))   # the owned flat shards
     for bk in buckets:
         padded = -(-sum(sizes[i] for i in bk) // k) * k
         w.coll("weights", "all_gather", padded * FLOAT, async_op=True)
@@ -217,7 +221,7 @@ def _single(plan: Schedule, w: WorkerClock, B: int) -> None:
     plan.trunk_forward(w, B)
     plan.head_dense(w, B)
     plan.trunk_backward(w, B)
-    w.compute(plan.costs.update(plan.trunk_numel + plan.head_numel))
+    w.compute(plan.costs.update(plan.param_sizes()))
 
 
 def _data_ddp(plan: Schedule, w: WorkerClock, B: int) -> None:
@@ -244,7 +248,7 @@ def _data_ddp(plan: Schedule, w: WorkerClock, B: int) -> None:
     plan.trunk_backward(w, B, ready)
     w.wait(max(works, default=0.0))
     w.coll("metrics", "all_reduce", 3 * FLOAT)
-    w.compute(plan.costs.update(plan.trunk_numel + plan.head_numel))
+    w.compute(plan.costs.update(plan.param_sizes()))
 
 
 def _data_sharded(plan: Schedule, w: WorkerClock, B: int) -> None:
@@ -255,7 +259,7 @@ def _data_sharded(plan: Schedule, w: WorkerClock, B: int) -> None:
         plan.trunk_backward(w, B, ready)
         w.coll("metrics", "all_reduce", 3 * FLOAT)
 
-    _trunk_sync_sharded(plan, w, B, plan.params, backward, -(-(plan.trunk_numel + plan.head_numel) // plan.k))
+    _trunk_sync_sharded(plan, w, B, plan.params, backward)
 
 
 def _model(plan: Schedule, w: WorkerClock, B: int) -> None:
@@ -266,7 +270,7 @@ def _model(plan: Schedule, w: WorkerClock, B: int) -> None:
     plan.head_sharded(w, B)
     w.coll(ACT_TAG, "all_reduce", B * plan.features * FLOAT)     # replicated input: sum the partial gradients
     plan.trunk_backward(w, B)
-    w.compute(plan.costs.update(plan.trunk_numel + -(-plan.head_numel // k)))
+    w.compute(plan.costs.update(plan.param_sizes(plan.trunk) + plan.param_sizes(plan.head, k)))
 
 
 def _hybrid(plan: Schedule, w: WorkerClock, B: int, scheme: str, per_round: bool) -> None:
@@ -276,7 +280,7 @@ def _hybrid(plan: Schedule, w: WorkerClock, B: int, scheme: str, per_round: bool
     k, Fdim, costs = plan.k, plan.features, plan.costs
     trunk_side = set(plan.trunk)
     trunk_params = [(b, n) for b, n in plan.params if b in trunk_side]
-    head_share = -(-plan.head_numel // k)
+    head_share = plan.param_sizes(plan.head, k)
     plan.trunk_forward(w, B)
     if scheme == "a":
         w.coll("labels", "all_gather", k * B * LABEL)
@@ -298,8 +302,7 @@ def _hybrid(plan: Schedule, w: WorkerClock, B: int, scheme: str, per_round: bool
         w.coll(ACT_TAG, "reduce_scatter", k * B * Fdim * FLOAT)   # every round's activation gradients at once
         if scheme == "c":
             w.coll(ACT_TAG, "all_to_all", B * Fdim * FLOAT)
-    _trunk_sync_sharded(plan, w, B, trunk_params, lambda ready: plan.trunk_backward(w, B, ready),
-                        -(-plan.trunk_numel // k))
+    _trunk_sync_sharded(plan, w, B, trunk_params, lambda ready: plan.trunk_backward(w, B, ready))
     if not per_round:
         w.compute(costs.update(head_share))
 
