@@ -112,6 +112,12 @@ def activation_bytes(sent: dict) -> float:
     return sum(v for t, v in sent.items() if "activations" in t)
 
 
+def param_sizes(blocks: list[Block], k: int = 1) -> list[int]:
+    """Element counts of the parameter tensors of ``blocks``, each split over ``k`` workers
+    (a sharded layer's: the largest shard)."""
+    return [-(-n // k) for b in blocks for _, n in b.params]
+
+
 def numel(shape: tuple[int, ...]) -> int:
     """Elements of one example of ``shape``."""
     return math.prod(shape)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block
+from .blocks import Block, param_sizes
 
 __all__ = ["FLOAT", "LINKS", "NAMED_LINKS", "PROFILES", "CostProvider", "FlopCosts", "MeasuredCosts", "ScaledCosts",
            "ZeroCosts"]
@@ -153,6 +153,16 @@ class MeasuredCosts:
         self._cache: dict = {}
         self._upd: tuple[float, float] | None = None   # seconds per parameter: small, large tensors
 
+    @contextmanager
+    def _own_threads(self):
+        """This provider's thread count for the duration (the workers' ``--threads``)."""
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":   # a GPU kernel's time is when it finishes, not when it is queued
             torch.cuda.synchronize()
@@ -161,9 +171,7 @@ class MeasuredCosts:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _time(self, module: nn.Module, shape: tuple[int, ...], input_grad: bool) -> tuple[float, float]:
-        old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with self._own_threads():
             module.to(self.device)
             x0 = torch.randn(shape, device=self.device)
             fw, bw = [], []
@@ -184,8 +192,6 @@ class MeasuredCosts:
                     fw.append(t1 - t0)
                     bw.append(t2 - t1)
             return min(fw), min(bw)   # contention only ever adds time: the minimum is the cost
-        finally:
-            torch.set_num_threads(old)
 
     def trunk(self, i: int, rows: int) -> tuple[float, float]:
         key = ("trunk", i, rows)
@@ -219,22 +225,22 @@ class MeasuredCosts:
             if self.model is None:
                 self._cache[key] = 0.0
                 return 0.0
-            with _narrowed_classifier(self.model, OVERHEAD_CLASSES) as (model, classes):
-                whole = self._plain_step(model, rows, classes)
+            with _narrowed_classifier(self.model, OVERHEAD_CLASSES) as narrowed:
+                classes = narrowed or self.blocks[-1].out_shape[0]
+                whole = self._plain_step(rows, classes)
                 linears = [j for j, b in enumerate(self.blocks) if b.linear]
                 width = {j: self.blocks[j].linear[1] for j in linears}
                 width[linears[-1]] = classes
                 parts = sum(sum(self.trunk(i, rows)) for i, b in enumerate(self.blocks) if b.part == "trunk")
                 parts += sum(sum(self.head(j, rows, width[j])) for j in linears)
-                parts += self.update([p.numel() for p in model.parameters()])
+                parts += self.update([p.numel() for p in self.model.parameters()])
             self._cache[key] = max(0.0, whole - parts)
         return self._cache[key]
 
-    def _plain_step(self, model: nn.Module, rows: int, classes: int) -> float:
-        """Seconds of one plain PyTorch training step of ``model`` (fastest of ``reps``)."""
-        old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+    def _plain_step(self, rows: int, classes: int) -> float:
+        """Seconds of one plain PyTorch training step of the model (fastest of ``reps``)."""
+        model = self.model
+        with self._own_threads():
             model.to(self.device).train()
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
             x = torch.randn((rows,) + self.blocks[0].in_shape, device=self.device)
@@ -251,8 +257,6 @@ class MeasuredCosts:
                 self._sync()
                 times.append(time.perf_counter() - t0)
             return min(times[1:])
-        finally:
-            torch.set_num_threads(old)
 
     def update(self, sizes: Sequence[int]) -> float:
         """SGD with momentum and weight decay on tensors of ``sizes`` elements. Two rates,
@@ -268,9 +272,7 @@ class MeasuredCosts:
 
     def _update_rate(self, n: int, fresh_grad: bool) -> float:
         """Seconds per parameter of one SGD step on one tensor of ``n`` elements."""
-        old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with self._own_threads():
             p = nn.Parameter(torch.randn(n, device=self.device))
             p.grad = torch.randn(n, device=self.device)
             opt = torch.optim.SGD([p], lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -285,8 +287,6 @@ class MeasuredCosts:
                 self._sync()
                 times.append(time.perf_counter() - t0)
             return min(times[1:]) / n
-        finally:
-            torch.set_num_threads(old)
 
 
 #: the classifier width :meth:`MeasuredCosts.overhead` times a whole step at (at most)
@@ -295,33 +295,23 @@ OVERHEAD_CLASSES = 1000
 MMAP_ELEMENTS = 32 * 2**20 // FLOAT
 
 
-def param_sizes(blocks: list[Block]) -> list[int]:
-    """Every parameter tensor's element count, block by block."""
-    return [n for b in blocks for _, n in b.params]
-
-
 @contextmanager
 def _narrowed_classifier(model: nn.Module, classes: int):
-    """``model`` with its last Linear (a TrunkHeadNet's classifier) replaced by one of at
-    most ``classes`` outputs for the duration; yields ``(model, its classes)``."""
+    """``model`` with its last Linear (a TrunkHeadNet's classifier) replaced by one of
+    ``classes`` outputs for the duration, where it has more; yields that width, or None
+    where nothing was narrowed."""
     head = getattr(model, "head", None)
     linears = [i for i, m in enumerate(head) if isinstance(m, nn.Linear)] if isinstance(head, nn.Sequential) else []
     if not linears or head[linears[-1]].out_features <= classes:
-        out = head[linears[-1]].out_features if linears else model_classes(model)
-        yield model, out
+        yield None
         return
     i = linears[-1]
     wide = head[i]
     head[i] = nn.Linear(wide.in_features, classes, bias=wide.bias is not None)
     try:
-        yield model, classes
+        yield classes
     finally:
         head[i] = wide
-
-
-def model_classes(model: nn.Module) -> int:
-    """Outputs of the model's last Linear layer."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
 class ZeroCosts:

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from ..distributed import tensor_parallel as _tp
 from ..distributed.data_parallel import BUCKET_BYTES
-from .blocks import Block, numel
+from .blocks import Block, numel, param_sizes
 from .costs import FLOAT, CostProvider
 
 __all__ = ["ACT_TAG", "HEAD_TAG", "Schedule", "WorkerClock", "walk_step"]
@@ -129,11 +129,9 @@ class Schedule:
         self.features = numel(blocks[self.trunk[-1]].out_shape)
         self.params = [(i, n) for i, b in enumerate(blocks) for _, n in b.params]   # (block, numel)
 
-    def param_sizes(self, blocks: list[int] | None = None, k: int = 1) -> list[int]:
-        """Element counts of the parameter tensors of ``blocks`` (all by default), each
-        split over ``k`` workers (a sharded head's: the largest shard)."""
-        chosen = None if blocks is None else set(blocks)
-        return [-(-n // k) for b, n in self.params if chosen is None or b in chosen]
+    def param_sizes(self, indices: list[int] | None = None, k: int = 1) -> list[int]:
+        """:func:`~onetrick.perf.blocks.param_sizes` of the blocks at ``indices`` (all by default)."""
+        return param_sizes(self.blocks if indices is None else [self.blocks[i] for i in indices], k)
 
     def width(self, j: int, sharded: bool) -> int:
         out = self.blocks[j].linear[1]
@@ -197,6 +195,7 @@ def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params
     sizes = [n for _, n in module_params]
     buckets = _sharded_buckets(sizes)
     owner_block = [b for b, _ in module_params]
+    shards = [-(-sum(sizes[i] for i in bk) // k) for bk in buckets]   # each flat bucket's owned 1/K, padded
     pending = [{owner_block[i] for i in bk} for bk in buckets]
     works: list[float] = []
 
@@ -205,15 +204,13 @@ def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params
             if block in blocks_left:
                 blocks_left.discard(block)
                 if not blocks_left:
-                    padded = -(-sum(sizes[i] for i in buckets[bi]) // k) * k
-                    works.append(w.coll("weights", "reduce_scatter", padded * FLOAT, async_op=True))
+                    works.append(w.coll("weights", "reduce_scatter", shards[bi] * k * FLOAT, async_op=True))
 
     after_backward(ready)
     w.wait(max(works, default=0.0))
-    w.compute(plan.costs.update([-(-sum(sizes[i] for i in bk) // k) for bk in buckets]))   # the owned flat shards
-    for bk in buckets:
-        padded = -(-sum(sizes[i] for i in bk) // k) * k
-        w.coll("weights", "all_gather", padded * FLOAT, async_op=True)
+    w.compute(plan.costs.update(shards))
+    for shard in shards:
+        w.coll("weights", "all_gather", shard * k * FLOAT, async_op=True)
     w.wait(w.link_free)
 
 
