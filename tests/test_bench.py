@@ -243,3 +243,5 @@ def test_the_busy_worker_probes_measure_something_plausible():
     assert 0.0 <= overlap_us_per_mb(2, count=4, repeats=1) < 1e5
     link = measured_link(2)
     assert link["measured_mbps"] > 0 and {"sync_us", "overlap_us_per_mb", "collective_us"} <= set(link)
+    assert set(link["large_op_factor"]) == {"all_reduce", "reduce_scatter", "all_gather"}   # measured in forked processes
+    assert all(0.0 < f < 10.0 for f in [*link["op_factor"].values(), *link["large_op_factor"].values()])

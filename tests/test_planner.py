@@ -11,7 +11,7 @@ from test_equivalence import CUT_ROUNDS, CUT_SGD, EXACT_SGD, PER_ROUND
 from torch import nn
 
 from onetrick.config import ConfigError, TrainConfig
-from onetrick.models import TrunkHeadNet, fc_head
+from onetrick.models import TrunkHeadNet, build_model, fc_head
 from onetrick.perf.blocks import describe, model_blocks
 from onetrick.perf.costmodel import Link, Variant, predict
 from onetrick.perf.costs import PROFILES, FlopCosts, ZeroCosts
@@ -139,3 +139,46 @@ def test_strategy_auto_trains_and_records_plan_prediction_and_measured_step(tmp_
     assert len(plan["candidates"]) >= 6 and all(c["predicted_step_ms"] > 0 for c in plan["candidates"])
     assert plan["measured_step_ms"] > 0 and plan["link"]["gbps"] > 0 and plan["link_probe"]["kind"].startswith("loopback")
     assert summary["steps"] == 4
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121"])
+def test_an_opaque_trunk_splits_into_blocks_in_the_order_backward_frees_them(name):
+    """A torchvision trunk (its own forward) becomes one block per unit its forward runs,
+    every parameter in exactly one, the last block's output the trunk's own (after its
+    functional pooling); and autograd finishes the blocks' gradients in reverse block
+    order, which is what the simulator assumes when it sends a bucket once its blocks'
+    backward is done (a one-block trunk sent every trunk gradient after the whole backward)."""
+    torch.manual_seed(0)
+    net = build_model(f"torchvision:{name}", 10, 3)
+    blocks = describe(net, 32)
+    trunk = [b for b in blocks if b.part == "trunk"]
+    assert len(trunk) > 8
+    names = [n for b in trunk for n, _ in b.params]
+    assert names == [f"trunk.{n}" for n, _ in net.trunk.named_parameters()]   # each once, registration order
+    with torch.no_grad():
+        assert trunk[-1].out_shape == tuple(net.trunk.eval()(torch.zeros(1, 3, 32, 32)).shape[1:])
+    block_of = {n: i for i, b in enumerate(trunk) for n, _ in b.params}
+    finished: list[int] = []
+    for n, p in net.trunk.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: finished.append(block_of[f"trunk.{n}"]))
+    net.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert len(finished) == len(names) and finished == sorted(finished, reverse=True)
+
+
+def test_a_trunk_with_parameters_outside_its_units_stays_one_block():
+    """ViT's class token is a parameter of the model itself: no exact split, one block."""
+    torch.manual_seed(0)
+    blocks = describe(build_model("torchvision:vit_b_16", 10, 3), 224)
+    assert [b.name for b in blocks if b.part == "trunk"] == ["trunk"]
+
+
+def test_large_tensors_move_at_the_large_op_factor():
+    """A collective on a tensor over the 32 MiB mmap threshold takes the probe's
+    large-tensor factor; one under it the bucket-size factor."""
+    from onetrick.perf.costmodel import collective_s
+
+    link = Link(gbps=8.0, op_factor={"all_gather": 1.0}, large_op_factor={"all_gather": 0.25})
+    small, large = collective_s(link, 2, "all_gather", 16 * 2**20), collective_s(link, 2, "all_gather", 64 * 2**20)
+    assert small == pytest.approx(8 * 2**20 / 1e9)
+    assert large == pytest.approx(4 * small * 4)
+    assert collective_s(link.idle(), 2, "all_gather", 64 * 2**20) == pytest.approx(4 * small)

@@ -14,7 +14,8 @@ How: the step is walked in program order, issuing the collectives the strategy i
 (same sizes, same async/sync, same order). Each worker has one full-duplex link: a
 collective occupies it for ``collective_us + latency x messages + bytes / bandwidth``
 (the bandwidth times ``Link.op_factor[op]`` where measured: gloo's reduce-scatter and
-all-gather move bytes slower than its all-reduce)
+all-gather move bytes slower than its all-reduce; ``Link.large_op_factor[op]`` for a
+tensor over glibc's 32 MiB mmap threshold, whose temporaries are fresh mappings)
 (bytes per worker as comm.py documents; messages K-1 for one ring pass, 2(K-1) for an
 all-reduce), in issue order. An asynchronous collective runs while the worker computes;
 waiting for one, or running a synchronous one, is *exposed* time. That is how scheme
@@ -98,27 +99,28 @@ class Link:
     sync_us: float = 0.0   # extra wait at each rendezvous when K workers time-share fewer cores (probe.busy_sync_us)
     overlap_us_per_mb: float = 0.0   # compute an overlapped collective steals per MB sent (probe.overlap_us_per_mb)
     op_factor: dict[str, float] = field(default_factory=dict)   # an op's share of the bandwidth (1.0 if absent)
+    large_op_factor: dict[str, float] = field(default_factory=dict)   # the same on tensors over the mmap threshold
 
     @classmethod
     def from_measured(cls, link: dict) -> Link:
         """From a bench result's ``link`` (the probe's ``measured_mbps``, ``latency_us``
         and ``collective_us`` per op). The timed tiny collective already includes the
         latency, so where it was measured it replaces latency x messages. ``sync_us``,
-        ``overlap_us_per_mb`` and ``op_factor``, where the probe measured them
+        ``overlap_us_per_mb``, ``op_factor`` and ``large_op_factor``, where the probe measured them
         (:func:`~onetrick.perf.probe.measured_link`), are kept."""
         gbps = (link.get("measured_mbps") or 0) / 1e3 or None
         coll = link.get("collective_us")
         busy = {"sync_us": link.get("sync_us") or 0.0, "overlap_us_per_mb": link.get("overlap_us_per_mb") or 0.0,
-                "op_factor": dict(link.get("op_factor") or {})}
+                "op_factor": dict(link.get("op_factor") or {}), "large_op_factor": dict(link.get("large_op_factor") or {})}
         if coll:
             return cls(gbps, 0.0, statistics.mean(coll.values()), **busy)
         return cls(gbps, link.get("latency_us") or 0.0, 0.0, **busy)
 
     def idle(self) -> Link:
         """This link without what the probe measured of busy workers and of gloo's ops
-        (``sync_us``, ``overlap_us_per_mb``, ``op_factor``): bandwidth, latency and fixed
+        (``sync_us``, ``overlap_us_per_mb``, the op factors): bandwidth, latency and fixed
         cost only."""
-        return dataclasses.replace(self, sync_us=0.0, overlap_us_per_mb=0.0, op_factor={})
+        return dataclasses.replace(self, sync_us=0.0, overlap_us_per_mb=0.0, op_factor={}, large_op_factor={})
 
 
 @dataclass
@@ -170,7 +172,7 @@ def _clock(link: Link, k: int, slow: float = 1.0) -> WorkerClock:
     """A worker's clock over ``link`` (seconds and bytes, as WorkerClock takes them)."""
     bw = (link.gbps * 1e9 / 8) if link.gbps else 0.0
     return WorkerClock(k, bw, link.latency_us * 1e-6, slow, link.collective_us * 1e-6, link.sync_us * 1e-6,
-                       link.overlap_us_per_mb * 1e-12, link.op_factor)
+                       link.overlap_us_per_mb * 1e-12, link.op_factor, link.large_op_factor)
 
 
 def collective_s(link: Link, k: int, op: str, nbytes: int) -> float:

@@ -147,8 +147,9 @@ class MeasuredCosts:
     ``reps`` runs after one warm-up (the machine is shared: other load only adds time)."""
 
     def __init__(self, blocks: list[Block], threads: int = 1, reps: int = 3, model: nn.Module | None = None,
-                 device: str = "cpu", precision: str = "fp32") -> None:
+                 device: str = "cpu", precision: str = "fp32", overhead_rows: int | None = None) -> None:
         self.blocks, self.threads, self.reps, self.model = blocks, threads, reps, model
+        self.overhead_rows = overhead_rows
         self.device, self.precision = torch.device(device), precision
         self._cache: dict = {}
         self._upd: tuple[float, float] | None = None   # seconds per parameter: small, large tensors
@@ -194,10 +195,36 @@ class MeasuredCosts:
             return min(fw), min(bw)   # contention only ever adds time: the minimum is the cost
 
     def trunk(self, i: int, rows: int) -> tuple[float, float]:
+        """Block ``i``'s forward and backward: its own timing, scaled so that the trunk's
+        blocks add up to the whole trunk timed at once (with the model): timed one by one,
+        a ResNet's 11 blocks add up to 1.4x its trunk here (each call's own autograd and
+        allocation overheads, cold caches); the blocks give the shares, the trunk the total."""
         key = ("trunk", i, rows)
+        if key not in self._cache:
+            fwd, bwd = self._block(i, rows)
+            scale_fwd, scale_bwd = self._trunk_scale(rows)
+            self._cache[key] = (fwd * scale_fwd, bwd * scale_bwd)
+        return self._cache[key]
+
+    def _block(self, i: int, rows: int) -> tuple[float, float]:
+        key = ("block", i, rows)
         if key not in self._cache:
             b = self.blocks[i]
             self._cache[key] = self._time(b.modules, (rows,) + b.in_shape, input_grad=i > 0)
+        return self._cache[key]
+
+    def _trunk_scale(self, rows: int) -> tuple[float, float]:
+        """The whole trunk's forward and backward over its blocks' sums (1.0 without the
+        model, or with a one-block trunk)."""
+        key = ("trunk_scale", rows)
+        if key not in self._cache:
+            trunk = [i for i, b in enumerate(self.blocks) if b.part == "trunk"]
+            if self.model is None or len(trunk) < 2:
+                self._cache[key] = (1.0, 1.0)
+            else:
+                whole = self._time(self.model.trunk, (rows,) + self.blocks[0].in_shape, input_grad=False)
+                parts = [sum(self._block(i, rows)[d] for i in trunk) for d in (0, 1)]
+                self._cache[key] = tuple(w / p if p > 0 else 1.0 for w, p in zip(whole, parts))
         return self._cache[key]
 
     def head(self, j: int, rows: int, width: int) -> tuple[float, float]:
@@ -219,7 +246,14 @@ class MeasuredCosts:
         for it: what grows with the classes (the logits, their loss, the classifier's
         gradient and update) is in the head block and update terms, which a sharded head
         pays on its own classes only; left in the remainder, it charged every plan one
-        dense classifier (4.1 s a step of resnet18 at 10^6 classes here)."""
+        dense classifier (4.1 s a step of resnet18 at 10^6 classes here).
+
+        With ``overhead_rows`` (the planner's batch) it is measured at that batch only and
+        charged to every batch: it is per-layer Python and autograd work, not per example,
+        and as the difference of two timings, each +-10% on this shared machine, timed
+        at B and at K*B it moved model parallelism (K*B rows) against the plans at B by
+        up to 30% from one planning to the next (smallnet: 0-30 ms either way)."""
+        rows = self.overhead_rows or rows
         key = ("overhead", rows)
         if key not in self._cache:
             if self.model is None:

@@ -118,14 +118,6 @@ class NetMemory:
         """From a :class:`~onetrick.models.TrunkHeadNet`, real or on the meta device."""
         return cls(model.trunk, model.head, (channels, image_size, image_size), label)
 
-    @classmethod
-    def from_blocks(cls, blocks) -> NetMemory:
-        """From :func:`~onetrick.perf.blocks.describe`'s blocks (their modules, in order)."""
-        trunk = [b for b in blocks if b.part == "trunk"]
-        head = nn.Sequential(*[m for b in blocks if b.part == "head" for m in b.modules])
-        body = trunk[0].modules if len(trunk) == 1 else nn.Sequential(*[b.modules for b in trunk])
-        return cls(body, head, trunk[0].in_shape)
-
     @property
     def params(self) -> list[tuple[str, int]]:
         return self.trunk_params + self.head_params

@@ -91,7 +91,8 @@ def _link(choice: str | float, k: int, collective_us: float, threads: int, this_
     here = dataclasses.replace(Link.from_measured(probe), gbps=gbps, latency_us=latency_us, collective_us=collective_us)
     kind = "given" if isinstance(choice, float) else f"named: {named['note']}"
     return here, {"kind": kind, "measured_mbps": gbps * 1e3, "sync_us": here.sync_us,
-                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor}, named
+                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor,
+                  "large_op_factor": here.large_op_factor}, named
 
 
 def plan_memory(model: str, classes: int, channels: int, image: int, k: int, given_gb: float | None, device: str,

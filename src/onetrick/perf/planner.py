@@ -207,5 +207,6 @@ def measured_costs(model_name: str, classes: int, channels: int, image: int, bat
         torch.manual_seed(0)
         model = build_model(model_name, classes, channels)
         blocks = describe(model, image, channels)
-        _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model))
+        _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model,
+                                                    overhead_rows=batch))
     return _COSTS[key]

@@ -1,13 +1,20 @@
 """gloo between K local workers, measured in a few seconds from the launcher.
 
-Every probe runs ``k`` threads of this process, each with its own gloo process group over
-loopback TCP (the transport K local workers use); starting K processes, as bench's probe
-does, would cost seconds of interpreter and torch start-up on each.
+Each probe runs ``k`` gloo process groups over loopback TCP (the transport K local
+workers use): the busy-worker probes in ``k`` threads of this process, the link itself in
+``k`` processes forked from it (fork costs milliseconds, where starting K interpreters, as
+bench's probe does, would cost seconds of torch start-up on each). The link is measured
+between processes because threads of one process move large tensors slower than
+processes do: their temporaries' page faults queue on the one address space (an all-gather
+of 24 MiB in 2 threads here reached 0.1-0.5 of the all-reduce's bandwidth, in 2 processes
+0.6-0.75, as the sharded update's all-gathers did in training).
 
 * :func:`loopback_link`: the idle link: a one-float all-reduce and all-gather (the fixed
-  cost of a collective), a 32 MB all-reduce (bandwidth: the size of a gradient bucket),
-  and how much slower gloo's
-  reduce-scatter and all-gather move the same bytes.
+  cost of a collective), a 24 MiB all-reduce (bandwidth: the size of a gradient bucket),
+  and how much slower gloo's reduce-scatter and all-gather move the same bytes, at that
+  size and above glibc's 32 MiB mmap threshold (``large_op_factor``), where every
+  temporary is a fresh mapping (an all-gather falls to 0.3-0.4 of the all-reduce's
+  bandwidth here; a class-sharded classifier's gradient bucket is that large).
 * :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
   sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
   copies and sums run on the workers' cores (0.7-1.3 ms per MB here).
@@ -24,7 +31,10 @@ does, would cost seconds of interpreter and torch start-up on each.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +46,8 @@ import torch
 __all__ = ["busy_sync_us", "loopback_link", "measured_link", "overlap_us_per_mb"]
 
 BUSY_BYTES = 256 * 2**10   # a blocking exchange of activations: 32 rows x 2048 floats
+LINK_BYTES = 24 * 2**20    # a gradient bucket (data_parallel.BUCKET_BYTES is 25 MiB), under the mmap threshold
+LARGE_BYTES = 48 * 2**20   # over glibc's 32 MiB mmap threshold (netmemory.MMAP_MAX)
 
 
 def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, dict]:
@@ -62,16 +74,82 @@ def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, 
     return found
 
 
-def loopback_link(k: int, nbytes: int = 32 * 2**20, reps: int = 3) -> dict:
-    """The idle link between ``k`` local workers, in 0.5-2 s: the median time of a
+def _forked(fn: Callable[[int, Any], dict], rank: int, k: int, store_path: str, queue) -> None:
+    torch.set_num_threads(1)   # a forked child must not enter the parent's OpenMP pool
+    import torch.distributed as dist
+
+    try:
+        pg = dist.ProcessGroupGloo(dist.FileStore(store_path, k), rank, k, timedelta(seconds=60))
+        queue.put((rank, fn(rank, pg)))
+    except BaseException as err:   # surfaced in the parent
+        queue.put((rank, err if isinstance(err, Exception) else RuntimeError(repr(err))))
+
+
+def _in_processes(k: int, fn: Callable[[int, Any], dict]) -> dict[int, dict]:
+    """``fn(rank, group)`` in ``k`` processes forked from this one (threads where fork is
+    not available); rank -> result."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return _in_threads(k, fn, "probe")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_forked, args=(fn, r, k, os.path.join(tmp, "store"), queue), daemon=True)
+                 for r in range(k)]
+        for p in procs:
+            p.start()
+        found: dict[int, Any] = {}
+        try:
+            for _ in procs:
+                rank, result = queue.get(timeout=120)
+                found[rank] = result
+        except Exception:   # queue.Empty: a child died or hung
+            pass
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+    errors = [r for r in found.values() if isinstance(r, BaseException)]
+    if errors or len(found) < k:
+        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'timed out'}")
+    return found
+
+
+def _bandwidths(pg, k: int, nbytes: int, reps: int, fixed: float) -> dict[str, float]:
+    """Bytes per second one worker sends (comm.py's count) in an all-reduce, a
+    reduce-scatter and an all-gather of ``nbytes``: the median of ``reps`` after one
+    warm-up, each started together, less the fixed cost of a collective."""
+    big = torch.ones(max(k, nbytes // 4 // k * k))
+    shard, full = torch.zeros(big.numel() // k), torch.zeros(big.numel())
+    frac, size = (k - 1) / k, big.numel() * 4
+    ops = {"all_reduce": (lambda: pg.allreduce([big]).wait(), 2 * frac * size),
+           "reduce_scatter": (lambda: pg._reduce_scatter_base(shard, big).wait(), frac * size),
+           "all_gather": (lambda: pg._allgather_base(full, shard).wait(), frac * size)}
+    one = torch.zeros(1)
+    bw = {}
+    for op, (run, sent) in ops.items():
+        run()
+        times = []
+        for _ in range(reps):
+            pg.allreduce([one]).wait()   # start together: a peer still finishing the last run is not this one's time
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        bw[op] = sent / max(1e-9, statistics.median(times) - fixed)
+    return bw
+
+
+def loopback_link(k: int, nbytes: int = LINK_BYTES, large: int = LARGE_BYTES, reps: int = 5) -> dict:
+    """The idle link between ``k`` local worker processes, in 1-4 s: the median time of a
     one-float all-reduce and all-gather (the fixed cost of a collective), the bandwidth of
     an ``nbytes`` all-reduce, and ``op_factor``: the bandwidth a reduce-scatter and an
     all-gather of the same size reach per byte comm.py counts, as a fraction of the
-    all-reduce's (gloo's are slower: 0.3-0.4 of it here)."""
+    all-reduce's (gloo's are slower: 0.3 and 0.6-0.75 of it here); ``large_op_factor``: the
+    same three ops on ``large`` bytes (over the mmap threshold), as fractions of that
+    all-reduce's bandwidth."""
 
     def measure(rank: int, pg) -> dict:
-        one, big = torch.zeros(1), torch.ones(max(k, nbytes // 4 // k * k))
-        shard, full = torch.zeros(big.numel() // k), torch.zeros(big.numel())
+        one = torch.zeros(1)
         outs = [torch.zeros(1) for _ in range(k)]
         ar, ag = [], []
         for _ in range(11):
@@ -82,25 +160,15 @@ def loopback_link(k: int, nbytes: int = 32 * 2**20, reps: int = 3) -> dict:
             ar.append(t1 - t0)
             ag.append(time.perf_counter() - t1)
         fixed = statistics.median(ar[1:])
-        frac, size = (k - 1) / k, big.numel() * 4
-        ops = {"all_reduce": (lambda: pg.allreduce([big]).wait(), 2 * frac * size),
-               "reduce_scatter": (lambda: pg._reduce_scatter_base(shard, big).wait(), frac * size),
-               "all_gather": (lambda: pg._allgather_base(full, shard).wait(), frac * size)}
-        bw = {}
-        for op, (run, sent) in ops.items():
-            run()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            bw[op] = sent / max(1e-9, statistics.median(times) - fixed)   # bytes per second
+        bw = _bandwidths(pg, k, nbytes, reps, fixed)
+        big = _bandwidths(pg, k, large, max(1, reps - 2), fixed)
         return {"measured_mbps": bw["all_reduce"] * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
                 "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
                 "op_factor": {op: bw[op] / bw["all_reduce"] for op in ("reduce_scatter", "all_gather")},
-                "kind": f"loopback probe: {k} gloo groups in threads of the launcher"}
+                "large_op_factor": {op: big[op] / bw["all_reduce"] for op in big},
+                "kind": f"loopback probe: {k} gloo processes forked from the launcher"}
 
-    return _in_threads(k, measure, "probe")[0]
+    return _in_processes(k, measure)[0]
 
 
 class _Busy:

@@ -14,6 +14,7 @@ from ..distributed import tensor_parallel as _tp
 from ..distributed.data_parallel import BUCKET_BYTES
 from .blocks import Block, numel, param_sizes
 from .costs import FLOAT, CostProvider
+from .netmemory import MMAP_MAX
 
 __all__ = ["ACT_TAG", "HEAD_TAG", "Schedule", "WorkerClock", "walk_step"]
 
@@ -39,9 +40,11 @@ class WorkerClock:
     """One worker's step: a compute cursor and a FIFO link."""
 
     def __init__(self, k: int, bw_bytes: float, latency_s: float, slow: float, per_coll_s: float = 0.0,
-                 sync_s: float = 0.0, overlap_s_per_byte: float = 0.0, op_factor: dict[str, float] | None = None) -> None:
+                 sync_s: float = 0.0, overlap_s_per_byte: float = 0.0, op_factor: dict[str, float] | None = None,
+                 large_op_factor: dict[str, float] | None = None) -> None:
         self.k, self.bw, self.lat, self.slow, self.per_coll = k, bw_bytes, latency_s, slow, per_coll_s
-        self.sync_s, self.overlap_s_per_byte, self.op_factor = sync_s, overlap_s_per_byte, op_factor or {}
+        self.sync_s, self.overlap_s_per_byte = sync_s, overlap_s_per_byte
+        self.op_factor, self.large_op_factor = op_factor or {}, large_op_factor or {}
         self.t = 0.0
         self.link_free = 0.0
         self.bytes: dict[str, int] = defaultdict(int)
@@ -60,7 +63,8 @@ class WorkerClock:
         sent = _sent(op, self.k, nbytes)
         self.bytes[tag] += sent
         self.collectives[op] += 1
-        bw = self.bw * self.op_factor.get(op, 1.0)
+        factors = self.large_op_factor if nbytes > MMAP_MAX and self.large_op_factor else self.op_factor
+        bw = self.bw * factors.get(op, 1.0)
         duration = self.per_coll + self.lat * _messages(op, self.k) + (sent / bw if bw else 0.0)
         start = max(self.t, self.link_free)
         self.link_free = start + duration

@@ -77,7 +77,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda given but no CUDA device is available")
         costs = MeasuredCosts(blocks, threads=args.threads, reps=args.reps, model=model, device=device,
-                              precision=args.precision)
+                              precision=args.precision, overhead_rows=args.batch)
         rate = f"measured per layer on this machine's {device}" + (" in bf16" if args.precision == "bf16" else "")
     elif "measured" in prof:
         m = prof["measured"]

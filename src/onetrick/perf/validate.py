@@ -34,7 +34,8 @@ def validate(bench_json: Path, reps: int = 5, bytes_only: bool = False) -> dict:
     bench = json.loads(Path(bench_json).read_text())
     blocks, model = model_blocks(bench["model"], _classes(bench["data"]), bench["image_size"], with_model=True)
     threads = bench.get("threads", 1)
-    costs = ZeroCosts() if bytes_only else MeasuredCosts(blocks, threads=threads, reps=reps, model=model)
+    costs = ZeroCosts() if bytes_only else MeasuredCosts(blocks, threads=threads, reps=reps, model=model,
+                                                                    overhead_rows=bench["batch"])
     link = Link.from_measured(bench.get("link", {}))
     cores = bench.get("machine", {}).get("cores")
     batch = bench["batch"]

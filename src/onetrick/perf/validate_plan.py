@@ -78,6 +78,7 @@ def validate_plan(result: dict) -> dict:
                  "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
         out.append({"workers": k, "slow": slow, "link_gbps": link.gbps, "collective_us": link.collective_us,
                     "sync_us": link.sync_us, "overlap_us_per_mb": link.overlap_us_per_mb, "op_factor": link.op_factor,
+                    "large_op_factor": link.large_op_factor,
                     "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
                     "best": best["label"], "best_measured_ms": best["step_ms"],
                     "gap": measured[pick.label]["step_ms"] / best["step_ms"] - 1, "reason": plan.reason,
@@ -94,6 +95,8 @@ def plan_report(v: dict) -> str:
              "worker", "", "Measured in the launcher at each K, as `train --strategy auto` does: "
              + "; ".join(f"K={k['workers']}: all-reduce {k['link_gbps'] or 0:.1f} Gbit/s + {k['collective_us']:.0f} us, "
                          + ", ".join(f"{op} {f:.2f}x its bandwidth" for op, f in k["op_factor"].items())
+                         + "".join(f" ({f:.2f}x over 32 MiB)" for op, f in k.get("large_op_factor", {}).items()
+                                   if op == "all_gather")
                          + f", {k['sync_us'] / 1e3:.1f} ms per rendezvous among busy workers, "
                          f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped" for k in v["per_k"]) + ".", "",
              "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
