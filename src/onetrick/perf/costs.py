@@ -197,8 +197,9 @@ class MeasuredCosts:
     def trunk(self, i: int, rows: int) -> tuple[float, float]:
         """Block ``i``'s forward and backward: its own timing, scaled so that the trunk's
         blocks add up to the whole trunk timed at once (with the model): timed one by one,
-        a ResNet's 11 blocks add up to 1.4x its trunk here (each call's own autograd and
-        allocation overheads, cold caches); the blocks give the shares, the trunk the total."""
+        a ResNet's 11 blocks added up to 0.8-1.4x its trunk here, from one timing to the next
+        (each call's own autograd and allocation overheads, caches); the blocks give the
+        shares, the trunk the total."""
         key = ("trunk", i, rows)
         if key not in self._cache:
             fwd, bwd = self._block(i, rows)
