@@ -97,3 +97,22 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_heartbeat_has_left_the_store_before_the_worker_exits():
+    """The heartbeat's thread is gone once stop() returns: a daemon thread still inside a
+    store call at interpreter exit aborts the worker (torchrun's workers exit that way)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from onetrick.distributed.runtime import HEARTBEAT_EVERY_S, Heartbeat
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    beat = Heartbeat(store, rank=0, world=2)
+    beat._thread.start()
+    time.sleep(2.5 * HEARTBEAT_EVERY_S)
+    beat.stop()
+    assert not beat._thread.is_alive()
+    assert int(store.get("0")) >= 1   # it did beat while running

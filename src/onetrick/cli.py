@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -323,5 +324,24 @@ def _interrupted(run_dir: Path | None) -> str:
     return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
 
 
+def run() -> None:
+    """The ``onetrick`` program (and ``python -m onetrick.cli``): :func:`main`, then exit.
+
+    A worker that torchrun started leaves without the interpreter's finalization: gloo's
+    threads may still be dropping the last collective's tensors then, and a thread that
+    takes the GIL while Python finalizes aborts the process (SIGABRT after a run that
+    succeeded, about 1 run in 10 on a loaded machine; torch's open bug, pytorch#190489).
+    Everything the run writes is on disk by then; the console streams are flushed here."""
+    from .distributed.runtime import under_torchrun
+
+    code = main()
+    if under_torchrun():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
