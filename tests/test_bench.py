@@ -109,27 +109,24 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
 
 
 @pytest.mark.timeout(200)
-def test_validate_plan_runs_every_candidate_and_measures_the_slowdown_at_each_batch(tmp_path):
-    """``bench --validate-plan``: every candidate at K=2, an ``independent`` row at B and at
-    model parallelism's K*B, the slowdown at each in the validation, the pick against the best."""
+def test_validate_plan_runs_every_candidate_and_compares_the_pick_with_the_best(tmp_path):
+    """``bench --validate-plan``: every candidate at K=2 (model parallelism at K*B examples),
+    the ``independent`` row it takes the slowdown from, the pick against the best measured."""
     out = tmp_path / "plan"
     res = run_cli("bench", "--model", "smallnet", "--workers", "1,2", "--batch", "4", "--steps", "2", "--warmup", "1",
                   "--no-baseline", "--validate-plan", "--out", str(out), timeout=190)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads((tmp_path / "plan.json").read_text())
     rows = {r["label"]: r for r in result["rows"]}
-    assert {"data/ddp", "data/sharded", "model", "hybrid/a", "hybrid/b", "hybrid/c"} <= set(rows)
-    assert rows["independent (no comm)"]["batch"] == 4 and rows["independent (no comm, B=8)"]["batch"] == 8
-    assert rows["model"]["batch"] == 8   # every candidate is one SGD step on K*B examples
-    assert rows["data/ddp"]["of_ceiling"] == pytest.approx(
-        rows["data/ddp"]["images_per_s"] / rows["independent (no comm)"]["images_per_s"])   # the ceiling at B
+    assert {"data/ddp", "data/sharded", "model", "hybrid/a", "hybrid/b", "hybrid/c", "independent (no comm)"} <= set(rows)
+    assert rows["model"]["batch"] == 8 and rows["data/ddp"]["batch"] == 4   # every candidate: one step on K*B examples
     (k2,) = result["validate_plan"]["per_k"]
-    assert set(k2["slow_at"]) == {"4", "8"} and k2["slow_at"]["4"] == k2["slow"]
-    assert all(s > 0 for s in k2["slow_at"].values())
+    single_ms = rows["independent (no comm)"]["step_ms"] / k2["slow"]   # the slowdown: independent over single
+    assert 0 < single_ms and {r["label"] for r in k2["rows"]} == set(rows) - {"single", "independent (no comm)"}
     measured = {r["label"]: r["step_ms"] for r in result["rows"] if r["workers"] == 2 and r["strategy"] != "independent"}
     assert k2["best_measured_ms"] == min(measured.values())
     assert k2["gap"] == pytest.approx(measured[k2["pick"]] / k2["best_measured_ms"] - 1)
-    assert "Compute slowdown of the K workers" in (tmp_path / "plan.md").read_text()
+    assert "### Planner validation" in (tmp_path / "plan.md").read_text()
 
 
 @pytest.mark.slow   # minutes of the default suite; what it checks is covered by a faster test

@@ -182,15 +182,3 @@ def test_large_tensors_move_at_the_large_op_factor():
     assert small == pytest.approx(8 * 2**20 / 1e9)
     assert large == pytest.approx(4 * small * 4)
     assert collective_s(link.idle(), 2, "all_gather", 64 * 2**20) == pytest.approx(4 * small)
-
-
-def test_a_candidate_is_charged_the_slowdown_measured_at_its_own_batch():
-    """Model parallelism runs K*B examples per worker: ``slow_at`` gives it the slowdown the
-    bench measured at K*B, the plans at B keep B's."""
-    blocks = describe(net((256,), 1000), 32)
-    costs, link, k, batch = flop_costs(blocks), LINKS[1], 2, 16
-    plan = make_plan(blocks, costs, k, batch, link, 1.2, slow_at={k * batch: 1.05})
-    step = {c.label: c.result.step_s for c in plan.candidates}
-    assert step["model"] == pytest.approx(predict(blocks, costs, Variant("model"), k, k * batch, link, 1.05).step_s)
-    assert step["model"] < predict(blocks, costs, Variant("model"), k, k * batch, link, 1.2).step_s
-    assert step["data/ddp"] == pytest.approx(predict(blocks, costs, Variant("data", "ddp"), k, batch, link, 1.2).step_s)

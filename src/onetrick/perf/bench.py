@@ -58,9 +58,8 @@ def add_parser(sub) -> None:
                         "CPU: this machine's available memory / K; CUDA: the GPU's memory)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop in the one-worker job")
     p.add_argument("--validate-plan", action="store_true",
-                   help="run every candidate the planner can pick (overrides --strategies/--sync/--scheme/--fc-batch), "
-                        "and K workers that never communicate at B and at K*B (their slowdown), and report the "
-                        "planner's pick against the best measured")
+                   help="run every candidate the planner can pick (overrides --strategies/--sync/--scheme/--fc-batch) "
+                        "and report its pick against the best measured")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
     p.set_defaults(func=cmd_bench)
 

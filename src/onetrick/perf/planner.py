@@ -20,7 +20,7 @@ and threads); :mod:`~onetrick.perf.probe` measures gloo between K local workers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .blocks import Block, describe
@@ -119,11 +119,9 @@ def candidate_variants(blocks: list[Block], k: int, batch: int, fc_batch: str = 
 def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link: Link = Link(), slow: float = 1.0,
               fc_batch: str = "full", only: str | None = None, cut: int | None = None, lr_scale: str = "none",
               runnable_only: bool = False, memory: Callable | None = None, available: int | None = None,
-              available_from: str = "", slow_at: Mapping[int, float] | None = None) -> Plan:
+              available_from: str = "") -> Plan:
     """Predict every candidate; choose the fastest (``runnable_only``: of those ``train``
-    can run). ``slow`` multiplies compute (K workers sharing cores); ``slow_at`` replaces it
-    for the candidates at a given per-worker batch (measured at each batch: K workers slow
-    each other less at K*B examples than at B, relatively). ``memory(variant, k,
+    can run). ``slow`` multiplies compute (K workers sharing cores). ``memory(variant, k,
     batch)`` (a :class:`~onetrick.perf.memory_model.MemoryPrediction` per candidate) and
     ``available`` (bytes per worker, from ``available_from``): a candidate whose peak does
     not fit is kept in the table, marked, and never chosen; ValueError (one line) if none fits."""
@@ -132,7 +130,7 @@ def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link
     found = []
     for variant, b in candidate_variants(blocks, k, batch, fc_batch, only, cut, lr_scale):
         try:
-            r = predict(blocks, costs, variant, k, b, link, (slow_at or {}).get(b, slow))
+            r = predict(blocks, costs, variant, k, b, link, slow)
         except ValueError:   # not modelled here (two towers at K=2, more workers than neurons)
             continue
         ips = images_per_step(variant.strategy, k, b) / r.step_s if r.step_s else 0.0

@@ -25,13 +25,6 @@ COLUMNS = ["strategy", "K", "(conv, FC) batch", "step ms", "images/s", "speedup"
 PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0, 2: 1.93, 4: 3.66, 8: 6.16}}
 
 
-def independent_row(rows: list[dict], k: int, batch: int) -> dict | None:
-    """The ``independent`` row at K workers of ``batch`` examples each, if the bench ran one
-    (``--validate-plan`` runs one at B and one at K*B, model parallelism's batch)."""
-    return next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k
-                 and r.get("batch", batch) == batch), None)
-
-
 def fmt(x: float | None, spec: str = ".2f", none: str = "-") -> str:
     """``x`` formatted, or ``none`` for None (a cell with nothing to show)."""
     return none if x is None else format(x, spec)

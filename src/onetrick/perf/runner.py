@@ -69,7 +69,7 @@ from ..argtypes import link_mbps
 from ..config import ConfigError, TrainConfig
 from .bench_memory import fitting_jobs, memory_columns
 from .costmodel import variant_label
-from .report import fmt, independent_row
+from .report import fmt
 from .workers import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
 
 __all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_bench"]
@@ -169,7 +169,7 @@ class Job:
     @property
     def label(self) -> str:
         if self.strategy == "independent":
-            base = "independent (no comm" + (f", B={self.batch})" if self.batch else ")")
+            base = "independent (no comm)"
         else:
             base = variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
         return base + ("/bf16" if self.precision == "bf16" else "") + ("/bf16-wire" if self.comm_dtype == "bf16" else "")
@@ -220,9 +220,10 @@ def _expand(strategies: list[str], workers: list[int], syncs: list[str], schemes
 
 
 def _batch_pair(job: Job, b: int) -> str:
+    k = job.workers
     if job.strategy in ("single", "model"):
         return f"({b}, {b})"
-    return f"({job.workers * b}, {b if job.fc_batch == 'worker' else job.workers * b})"
+    return f"({k * b}, {b if job.fc_batch == 'worker' else k * b})"
 
 
 def resolve_link(value: str | None, gflops: float) -> tuple[float | None, str]:
@@ -250,14 +251,13 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
     if getattr(args, "validate_plan", False):   # the planner's model parallelism: K*B examples, the same SGD
         for job in jobs:
             job.batch = job.workers * args.batch if job.strategy == "model" else None
-        jobs += [Job("independent", j.workers, batch=j.batch) for j in jobs if j.strategy == "model"]
     base = TrainConfig(model=args.model, data=args.data, image_size=image, batch=args.batch, threads=args.threads,
                        timeout_s=args.timeout, seed=args.seed, dropout=args.dropout, progress=False,
                        device=getattr(args, "device", "cpu"))
     cfgs = []
     for job in jobs:
         if job.strategy == "independent":   # K processes, each the one-worker strategy, no communication
-            cfg = base.replace(strategy="single", workers=1, batch=job.batch or args.batch, precision=job.precision)
+            cfg = base.replace(strategy="single", workers=1, precision=job.precision)
         else:
             cfg = base.replace(strategy=job.strategy, workers=job.workers, sync=job.sync or "ddp", scheme=job.scheme,
                                fc_batch=job.fc_batch, batch=job.batch or args.batch, precision=job.precision,
@@ -380,9 +380,9 @@ def _finish(result: dict) -> None:
     for r in rows:
         r["speedup"] = r["images_per_s"] / single["images_per_s"] if single else None
         r["efficiency"] = r["speedup"] / r["workers"] if r["speedup"] else None
-        ceiling = independent_row(rows, r["workers"], result["batch"])
-        r["of_ceiling"] = (r["images_per_s"] / ceiling["images_per_s"] if ceiling and r["strategy"] not in
-                           ("single", "model") and r["batch"] == result["batch"] else None)
+        ceiling = next((c for c in rows if c["strategy"] == "independent" and c["workers"] == r["workers"]), None)
+        r["of_ceiling"] = (r["images_per_s"] / ceiling["images_per_s"]
+                           if ceiling and r["strategy"] not in ("single", "model") else None)
         r["comm_est_ms"] = r["bytes_total"] / (bw * 1e6 / 8) * 1e3 if bw and r["workers"] > 1 else None
         if r["strategy"] == "data" and r["sync"] == "ddp":
             r["exposed_ms"] = max(0.0, r["step_ms"] - single["step_ms"]) if single else None

@@ -14,7 +14,6 @@ from pathlib import Path
 from .blocks import model_blocks
 from .costmodel import Link, Variant, images_per_step, predict
 from .costs import MeasuredCosts, ZeroCosts
-from .report import independent_row
 
 __all__ = ["validate"]
 
@@ -47,7 +46,7 @@ def validate(bench_json: Path, reps: int = 5, bytes_only: bool = False) -> dict:
         an ``independent`` row at K (K processes that never communicate): its step time
         over the single step. Else time-sharing: K workers of T threads plus the other
         processes' measured load on C cores each get C / (K*T + other) of a core."""
-        ind = independent_row(bench["rows"], k, batch)
+        ind = next((r for r in bench["rows"] if r["strategy"] == "independent" and r["workers"] == k), None)
         if k > 1 and ind and measured_base:
             return max(1.0, ind["step_ms"] / measured_base["step_ms"]), "independent row"
         other = (row or {}).get("foreign_cores") or 0.0

@@ -9,8 +9,7 @@ what it would have at start-up: layer costs timed here
 here (:func:`~onetrick.perf.probe.measured_link`: the idle link, each op's bandwidth, the
 busy workers' cost per rendezvous and per MB overlapped); plus, from the bench, the
 compute slowdown of K workers sharing the machine (the ``independent`` row's step over
-the predicted ``single`` step, at B and at model parallelism's K*B: the bench runs an
-``independent`` row at each; without one, time-sharing of the cores). Reported per K:
+the predicted ``single`` step; without one, time-sharing of the cores). Reported per K:
 the pick's measured step against the best measured candidate's, and per row the
 prediction's error, with and without the probe's busy-worker and per-op terms. The pick is
 of the plans that fit in memory (the bench's steps, :mod:`~onetrick.perf.memory_model`,
@@ -23,7 +22,6 @@ from .costmodel import Link, Variant, predict
 from .plan import plan_memory
 from .planner import make_plan, measured_costs
 from .probe import measured_link
-from .report import independent_row
 
 __all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
 
@@ -38,24 +36,15 @@ def _classes(data: str) -> int:
     return classes(data)
 
 
-def _slow(rows: list[dict], k: int, batch: int, threads: int, cores: int | None, single_ms: float) -> float:
+def _slow(rows: list[dict], k: int, threads: int, cores: int | None, single_ms: float) -> float:
     """How much slower the K workers computed during the bench than the layer timings say
-    one worker computes at ``batch`` examples: the ``independent`` row at that batch (K
-    workers, no communication) over the predicted one-worker step ``single_ms``. This also
-    takes out the drift of this shared machine's speed between the layer timings and the
-    bench (up to 30% here)."""
-    ind = independent_row(rows, k, batch)
+    one worker computes: the ``independent`` row (K workers, no communication) over the
+    predicted one-worker step ``single_ms``. This also takes out the drift of this shared
+    machine's speed between the layer timings and the bench (up to 30% here)."""
+    ind = next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k), None)
     if ind:
         return ind["step_ms"] / single_ms
     return max(1.0, k * threads / cores) if cores else 1.0
-
-
-def _slow_at(rows: list[dict], k: int, blocks, costs) -> dict[int, float]:
-    """The slowdown at every other per-worker batch the bench ran an ``independent`` row
-    at (model parallelism's K*B): two workers lost 13 ms a step to each other at B=16 and
-    10 ms at 32 (resnet18 at 32 px here), so B's ratio, 1.18, over-charged K*B's, 1.09."""
-    return {r["batch"]: r["step_ms"] / (predict(blocks, costs, Variant("single"), 1, r["batch"]).step_s * 1e3)
-            for r in rows if r["strategy"] == "independent" and r["workers"] == k and r.get("batch")}
 
 
 def validate_plan(result: dict) -> dict:
@@ -71,17 +60,15 @@ def validate_plan(result: dict) -> dict:
         measured = {r["label"]: r for r in result["rows"] if r["workers"] == k and r["strategy"] != "independent"}
         if not measured:
             continue
-        slow = _slow(result["rows"], k, batch, threads, cores, single_ms)
-        slow_at = {**_slow_at(result["rows"], k, blocks, costs), batch: slow}
+        slow = _slow(result["rows"], k, threads, cores, single_ms)
         probe = measured_link(k, threads)   # what train --strategy auto measures at start-up
         link = Link.from_measured(probe)
         bare = link.idle()
         memory, available, source = plan_memory(result["model"], classes, 3, result["image_size"], k,
                                                 result.get("memory_per_worker"), result.get("device", "cpu"), run="bench")
         plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True, memory=memory, available=available,
-                         available_from=source, slow_at=slow_at)
-        before = {c.label: c.result.step_s * 1e3
-                  for c in make_plan(blocks, costs, k, batch, bare, slow, slow_at=slow_at).candidates}
+                         available_from=source)
+        before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
         pick = min((c for c in ran if c.fits), key=lambda c: c.result.step_s)   # what it would pick of what ran
         best = min(measured.values(), key=lambda r: r["step_ms"])   # every candidate's step is K*B examples
@@ -89,7 +76,7 @@ def validate_plan(result: dict) -> dict:
                  "measured_step_ms": measured[c.label]["step_ms"],
                  "error": c.result.step_s * 1e3 / measured[c.label]["step_ms"] - 1,
                  "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
-        out.append({"workers": k, "slow": slow, "slow_at": slow_at, "link_gbps": link.gbps, "collective_us": link.collective_us,
+        out.append({"workers": k, "slow": slow, "link_gbps": link.gbps, "collective_us": link.collective_us,
                     "sync_us": link.sync_us, "overlap_us_per_mb": link.overlap_us_per_mb, "op_factor": link.op_factor,
                     "large_op_factor": link.large_op_factor,
                     "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
@@ -114,11 +101,6 @@ def plan_report(v: dict) -> str:
                          f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped" for k in v["per_k"]) + ".", "",
              "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
              "|---:|---|---:|---|---:|---:|"]
-    slowdowns = [f"K={k['workers']}: " + ", ".join(f"{s:.2f}x at B={b}" for b, s in sorted(
-        (int(b), s) for b, s in k["slow_at"].items())) for k in v["per_k"] if k.get("slow_at")]
-    if slowdowns:
-        lines[2:2] = ["Compute slowdown of the K workers (the `independent` rows over the predicted one-worker step): "
-                      + "; ".join(slowdowns) + ".", ""]
     for k in v["per_k"]:
         lines.append(f"| {k['workers']} | {k['pick']} | {k['pick_measured_ms']:.1f} | {k['best']} | "
                      f"{k['best_measured_ms']:.1f} | {k['gap']:+.1%} |")
