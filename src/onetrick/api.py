@@ -12,10 +12,8 @@ need only know where its convolutional trunk ends (see :func:`~onetrick.models.a
 """
 from __future__ import annotations
 
-import atexit
 import os
 import pickle
-import time
 from pathlib import Path
 from typing import Any
 
@@ -201,22 +199,9 @@ def _runtime(cfg: TrainConfig):
     from .distributed.runtime import Runtime, init_worker
 
     if not dist.is_initialized():
-        atexit.register(_leave_group)
         return init_worker(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("workers",))
     return Runtime(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device, mesh=mesh)
 
-
-def _leave_group() -> None:
-    """At exit, in a worker whose process group :func:`parallelize` joined: give gloo's
-    threads a moment to drop the last collective's tensors while Python can still lend
-    them the GIL, then leave the group. A thread that takes the GIL once the interpreter
-    finalizes aborts the process (SIGABRT after a script that succeeded, under load:
-    torch's open bug, pytorch#190489); atexit runs before that."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        time.sleep(0.2)   # releases the GIL
-        dist.destroy_process_group()

@@ -7,6 +7,7 @@ joins the job torchrun made, unchanged, so the same command scales to many machi
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import inspect
 import logging
@@ -95,8 +96,22 @@ def init_worker(cfg: TrainConfig) -> Runtime:
                                 timeout=timeout, **bound)
     else:  # one worker started by hand: a private store, no ports
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **bound)
+    atexit.unregister(_leave_group)   # once per process, however many runs it joins
+    atexit.register(_leave_group)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("workers",))
     return Runtime(rank=rank, world=world, local_rank=local_rank, device=device, mesh=mesh)
+
+
+def _leave_group() -> None:
+    """At exit, in a process that joined the group here and has not left it (a script's
+    own loop through ``onetrick.parallelize``; the launcher's workers leave in
+    :func:`_entry`): give gloo's threads a moment to drop the last collective's tensors
+    while Python can still lend them the GIL, then leave the group. A thread that takes
+    the GIL once the interpreter finalizes aborts the process (SIGABRT after a script that
+    succeeded, under load: torch's open bug, pytorch#190489); atexit runs before that."""
+    if dist.is_initialized():
+        time.sleep(0.2)   # releases the GIL
+        dist.destroy_process_group()
 
 
 def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
