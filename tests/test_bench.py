@@ -111,7 +111,8 @@ def test_bench_end_to_end_writes_the_table(tmp_path):
 @pytest.mark.timeout(200)
 def test_validate_plan_runs_every_candidate_and_compares_the_pick_with_the_best(tmp_path):
     """``bench --validate-plan``: every candidate at K=2 (model parallelism at K*B examples),
-    the ``independent`` row it takes the slowdown from, the pick against the best measured."""
+    the ``single`` and ``independent`` rows it takes the machine's speed and the workers'
+    contention from, the pick against the best measured."""
     out = tmp_path / "plan"
     res = run_cli("bench", "--model", "smallnet", "--workers", "1,2", "--batch", "4", "--steps", "2", "--warmup", "1",
                   "--no-baseline", "--validate-plan", "--out", str(out), timeout=190)
@@ -121,8 +122,11 @@ def test_validate_plan_runs_every_candidate_and_compares_the_pick_with_the_best(
     assert {"data/ddp", "data/sharded", "model", "hybrid/a", "hybrid/b", "hybrid/c", "independent (no comm)"} <= set(rows)
     assert rows["model"]["batch"] == 8 and rows["data/ddp"]["batch"] == 4   # every candidate: one step on K*B examples
     (k2,) = result["validate_plan"]["per_k"]
-    single_ms = rows["independent (no comm)"]["step_ms"] / k2["slow"]   # the slowdown: independent over single
-    assert 0 < single_ms and {r["label"] for r in k2["rows"]} == set(rows) - {"single", "independent (no comm)"}
+    # per step, K workers lose the independent row's step less the time-shared single steps
+    assert k2["contention_ms"] == pytest.approx(rows["independent (no comm)"]["step_ms"]
+                                                - k2["share"] * rows["single"]["step_ms"])
+    assert k2["drift"] > 0 and k2["slow"] == pytest.approx(k2["drift"] * k2["share"])
+    assert {r["label"] for r in k2["rows"]} == set(rows) - {"single", "independent (no comm)"}
     measured = {r["label"]: r["step_ms"] for r in result["rows"] if r["workers"] == 2 and r["strategy"] != "independent"}
     assert k2["best_measured_ms"] == min(measured.values())
     assert k2["gap"] == pytest.approx(measured[k2["pick"]] / k2["best_measured_ms"] - 1)
@@ -252,6 +256,55 @@ def test_busy_workers_pay_per_rendezvous_and_per_byte_overlapped():
     over = predict(blocks, costs, ddp, 4, B, Link(gbps=1.0, overlap_us_per_mb=500.0))
     weights = bare.bytes["weights"]   # DDP's buckets are its only asynchronous collectives
     assert over.compute_s - bare.compute_s == pytest.approx(weights / 1e6 * 500e-6)
+
+
+def test_the_bucketed_strategies_pay_for_copying_gradients_into_their_buckets():
+    """DDP copies every gradient into its bucket and the reduced bucket back into the
+    gradients; the sharded update copies them into its flat buckets once (the trunk's
+    alone in the hybrid); model parallelism has no buckets. The copy is timed once on this
+    machine (MeasuredCosts), at memory bandwidth on a profile (FlopCosts)."""
+    from onetrick.perf.blocks import param_sizes
+    from onetrick.perf.costs import MeasuredCosts
+
+    blocks = describe(tiny(), IMAGE)
+    costs, free = FlopCosts(blocks, 1e9, 1.0, 10.0), FlopCosts(blocks, 1e9, 1.0, 10.0)
+    free.copy = lambda nbytes: 0.0
+
+    def copying(variant: Variant) -> float:
+        return (predict(blocks, costs, variant, 4, B, Link(gbps=1.0)).compute_s
+                - predict(blocks, free, variant, 4, B, Link(gbps=1.0)).compute_s)
+
+    weights = sum(param_sizes(blocks)) * 4
+    trunk = sum(param_sizes([b for b in blocks if b.part == "trunk"])) * 4
+    assert copying(Variant("data", "ddp")) == pytest.approx(2 * costs.copy(weights))
+    assert copying(Variant("data", "sharded")) == pytest.approx(costs.copy(weights), rel=1e-3)   # + padding to K
+    assert copying(Variant("hybrid", scheme="b")) == pytest.approx(costs.copy(trunk), rel=1e-3)
+    assert copying(Variant("model")) == 0.0
+    assert 1e-6 < MeasuredCosts(blocks).copy(2**20) < 1.0   # one MiB
+
+
+def test_a_link_on_a_machine_twice_as_slow_doubles_every_communication_time():
+    """``Link.slower``: what ``--validate-plan`` uses to bring a probe taken at another
+    machine speed to the bench's. With free compute a step is communication only, so every
+    plan's step doubles exactly: fixed costs, latency, bytes, rendezvous and overlap."""
+    blocks = describe(tiny(), IMAGE)
+    link = Link(gbps=2.0, latency_us=20.0, collective_us=300.0, sync_us=1000.0, overlap_us_per_mb=700.0,
+                op_factor={"all_gather": 0.5})
+    for variant in VARIANTS:
+        base = predict(blocks, ZeroCosts(), variant, 4, B, link).step_s
+        assert predict(blocks, ZeroCosts(), variant, 4, B, link.slower(2.0)).step_s == pytest.approx(2 * base)
+    assert link.slower(2.0).op_factor == link.op_factor and Link().slower(2.0) == Link()
+
+
+def test_contention_adds_the_same_time_to_every_plan():
+    """``contention_s`` (what K workers lose to each other per step, measured) lengthens
+    every candidate's step by exactly that much, so it never changes the planner's choice."""
+    blocks = describe(tiny(), IMAGE)
+    costs, link = FlopCosts(blocks, 1e9, 1.0, 10.0), Link(gbps=1.0, collective_us=50.0, sync_us=500.0)
+    for variant in VARIANTS:
+        base = predict(blocks, costs, variant, 2, B, link, slow=1.5)
+        more = predict(blocks, costs, variant, 2, B, link, slow=1.5, contention_s=0.01)
+        assert more.step_s == pytest.approx(base.step_s + 0.01) and more.exposed_s == pytest.approx(base.exposed_s)
 
 
 def test_the_busy_worker_probes_measure_something_plausible():

@@ -88,11 +88,26 @@ def test_train_refuses_a_run_that_cannot_fit_before_any_worker_starts(tmp_path, 
     assert cli.main(["train", "--strategy", "data", *args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--strategy data/ddp at 4 workers needs" in lines[0], lines
-    assert "GB per worker (predicted peak" in lines[0] and "7.0 GB available (--memory-per-worker)" in lines[0]
+    assert "GB per worker (predicted peak" in lines[0] and "--memory-per-worker" in lines[0]   # or this machine's share
     assert "--strategy hybrid or model" in lines[0] and not (tmp_path / "run").exists()
     hybrid = TrainConfig(model="torchvision:resnet18", image_size=32, data="synthetic:1000000", workers=4, batch=16,
                          strategy="hybrid", scheme="b", memory_per_worker=7).validate()
     preflight.check_memory(hybrid, build_data(hybrid.data, 32))   # fits: no error
+
+
+def test_a_given_memory_per_worker_is_capped_at_this_machines_share_where_the_workers_run_here(monkeypatch):
+    """``--memory-per-worker`` over what K local CPU workers can have of this machine (a
+    bench at K=4 given 11.5 GB on a 24 GB machine would have started four 11 GB workers)
+    is capped at their share, and the figure says so; ``onetrick plan`` (``here=False``)
+    plans for the machine named and keeps the figure as given."""
+    from onetrick.perf import memory
+
+    monkeypatch.setattr(memory, "_cpu_share", lambda k, in_process: (6 * 10**9, f"this machine's 24.0 GB available / {k} workers"))
+    assert memory.available_memory("cpu", 4, given_gb=11.5, here=True) == (
+        6 * 10**9, "this machine's 24.0 GB available / 4 workers, under --memory-per-worker 11.5 GB")
+    assert memory.available_memory("cpu", 4, given_gb=5, here=True) == (5 * 10**9, "--memory-per-worker")
+    assert memory.available_memory("cpu", 4, given_gb=11.5) == (int(11.5e9), "--memory-per-worker")
+    assert memory.available_memory("cuda", 4, given_gb=11.5, here=True)[1] == "--memory-per-worker"   # one GPU each
 
 
 def test_plan_drops_what_does_not_fit_and_says_so():

@@ -141,8 +141,8 @@ def add_train_parser(sub) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores / workers)")
     g.add_argument("--memory-per-worker", type=float, default=None, metavar="GB",
                    help="memory each worker may use; a run predicted to need more is refused before launch, and "
-                        "--strategy auto picks only plans that fit (default: CPU: available memory / local workers; "
-                        "CUDA: the GPU's memory)")
+                        "--strategy auto picks only plans that fit (default: CPU: available memory / local workers, which "
+                        "also caps a larger figure; CUDA: the GPU's memory)")
     g.add_argument("--timeout", dest="timeout_s", type=float, default=D.timeout_s, help="seconds before a stuck collective fails")
     g.add_argument("--max-restarts", type=int, default=D.max_restarts, help="restart the job this many times after a worker dies")
     g = p.add_argument_group("run directory")

@@ -130,7 +130,8 @@ def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -
         return
     torchrun = under_torchrun()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else cfg.process_count
-    available, source = available_memory(cfg.device, local, local == 1 and not torchrun, cfg.memory_per_worker)
+    available, source = available_memory(cfg.device, local, local == 1 and not torchrun, cfg.memory_per_worker,
+                                         here=True)
     if available is None:
         return
     try:

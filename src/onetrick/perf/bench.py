@@ -55,7 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     p.add_argument("--memory-per-worker", type=float, default=None, metavar="GB",
                    help="memory each worker may use; a job predicted to need more is left out before launch (default: "
-                        "CPU: this machine's available memory / K; CUDA: the GPU's memory)")
+                        "CPU: this machine's available memory / K, which also caps a larger figure; CUDA: the GPU's "
+                        "memory)")
     p.add_argument("--no-baseline", action="store_true", help="skip the plain PyTorch loop in the one-worker job")
     p.add_argument("--validate-plan", action="store_true",
                    help="run every candidate the planner can pick (overrides --strategies/--sync/--scheme/--fc-batch) "

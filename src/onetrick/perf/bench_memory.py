@@ -31,7 +31,7 @@ def fitting_jobs(jobs: list, cfgs: list[TrainConfig], log, memory_per_worker: fl
     keep, skipped = ([], [], []), []
     for job, cfg in zip(jobs, cfgs):
         pred, k = predicted_memory(cfg, job.baseline), job.workers
-        avail, how = available_memory(cfg.device, k, k == 1, memory_per_worker)
+        avail, how = available_memory(cfg.device, k, k == 1, memory_per_worker, here=True)
         if pred is not None and avail is not None and pred.total > avail:
             why = f"needs {gb(pred.total)} per worker, {gb(avail)} available ({how})"
             log(f"{job.label:>16} K={k}: not run: {why}")

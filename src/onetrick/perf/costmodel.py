@@ -28,9 +28,11 @@ Every rendezvous (a synchronous collective, or a wait on one still in flight) co
 peer may be descheduled behind another worker's compute, and the collective completes
 only when it has taken its turn (measured, not derived: :mod:`~onetrick.perf.probe`).
 An asynchronous collective lengthens the compute it overlaps by ``Link.overlap_us_per_mb``
-per MB sent (gloo's copies and sums on the same cores). All workers are otherwise
-assumed identical (the slowest shard, ``ceil(n/K)`` neurons, is simulated); Python
-overheads between layers are not modelled.
+per MB sent (gloo's copies and sums on the same cores). The bucketed strategies also
+copy gradients on the worker (``CostProvider.copy``): DDP each gradient into its bucket
+and the reduced bucket back, the sharded update into its flat buckets. All workers are
+otherwise assumed identical (the slowest shard, ``ceil(n/K)`` neurons, is simulated);
+Python overheads between layers are not modelled.
 """
 from __future__ import annotations
 
@@ -116,6 +118,14 @@ class Link:
             return cls(gbps, 0.0, statistics.mean(coll.values()), **busy)
         return cls(gbps, link.get("latency_us") or 0.0, 0.0, **busy)
 
+    def slower(self, factor: float) -> Link:
+        """This link between processes of a machine ``factor`` times slower: loopback gloo is
+        CPU work (copies, sums, system calls), so every time term is ``factor`` times longer
+        and the bandwidth ``factor`` times lower."""
+        return dataclasses.replace(self, gbps=self.gbps / factor if self.gbps else self.gbps,
+                                   latency_us=self.latency_us * factor, collective_us=self.collective_us * factor,
+                                   sync_us=self.sync_us * factor, overlap_us_per_mb=self.overlap_us_per_mb * factor)
+
     def idle(self) -> Link:
         """This link without what the probe measured of busy workers and of gloo's ops
         (``sync_us``, ``overlap_us_per_mb``, the op factors): bandwidth, latency and fixed
@@ -154,14 +164,16 @@ class StepResult:
 
 
 def predict(blocks: list[Block], costs: CostProvider, variant: Variant, k: int, batch: int, link: Link = Link(),
-            slow: float = 1.0) -> StepResult:
+            slow: float = 1.0, contention_s: float = 0.0) -> StepResult:
     """One step of one worker of ``variant`` at ``k`` workers and ``batch`` examples per
-    worker, over ``link``; ``slow`` multiplies every compute time. Raises ValueError for
-    what is not modelled (tower-parallel model parallelism, an unknown strategy, a cut
-    outside the head)."""
+    worker, over ``link``; ``slow`` multiplies every compute time; ``contention_s`` is
+    added to every step (what K workers lose to each other beyond time-sharing the cores,
+    where measured). Raises ValueError for what is not modelled (tower-parallel model
+    parallelism, an unknown strategy, a cut outside the head)."""
     plan = Schedule(blocks, costs, k, variant.cut if variant.strategy == "hybrid" else 0)
     w = _clock(link, k, slow)
     w.compute(costs.overhead(batch))
+    w.elapse(contention_s)
     walk_step(plan, w, variant.strategy, batch, variant.sync or "ddp", variant.scheme, variant.fc_batch)
     comm = w.comm_s
     return StepResult(w.t, w.compute_s, comm, w.exposed_s, (1.0 - min(1.0, w.exposed_s / comm)) if comm > 0 else None,

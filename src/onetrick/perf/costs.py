@@ -88,6 +88,7 @@ class CostProvider(Protocol):
     def trunk(self, i: int, rows: int) -> tuple[float, float]: ...
     def head(self, j: int, rows: int, width: int) -> tuple[float, float]: ...
     def update(self, sizes: Sequence[int]) -> float: ...
+    def copy(self, nbytes: int) -> float: ...
     def overhead(self, rows: int) -> float: ...
 
 
@@ -108,6 +109,9 @@ class FlopCosts:
 
     def update(self, sizes: Sequence[int]) -> float:
         return sum(sizes) * 5 * FLOAT / self.mem       # read w, g, m; write w, m
+
+    def copy(self, nbytes: int) -> float:
+        return 2 * nbytes / self.mem                   # read, write
 
     def overhead(self, rows: int) -> float:
         return 0.0
@@ -153,6 +157,7 @@ class MeasuredCosts:
         self.device, self.precision = torch.device(device), precision
         self._cache: dict = {}
         self._upd: tuple[float, float] | None = None   # seconds per parameter: small, large tensors
+        self._copy: float | None = None   # seconds per byte copied
 
     @contextmanager
     def _own_threads(self):
@@ -305,6 +310,23 @@ class MeasuredCosts:
         small, large = self._upd
         return sum(n * (large if n > MMAP_ELEMENTS else small) for n in sizes)
 
+    def copy(self, nbytes: int) -> float:
+        """Copying ``nbytes`` of gradients into or out of a flat communication bucket
+        (DDP's buckets, ShardedDataParallel's): the rate of one 8 MiB copy, fastest of ``reps``."""
+        if self._copy is None:
+            with self._own_threads():
+                src = torch.randn(COPY_BYTES // FLOAT, device=self.device)
+                dst = torch.empty_like(src)
+                times = []
+                for _ in range(self.reps + 2):
+                    self._sync()
+                    t0 = time.perf_counter()
+                    dst.copy_(src)
+                    self._sync()
+                    times.append(time.perf_counter() - t0)
+            self._copy = min(times[1:]) / COPY_BYTES
+        return nbytes * self._copy
+
     def _update_rate(self, n: int, fresh_grad: bool) -> float:
         """Seconds per parameter of one SGD step on one tensor of ``n`` elements."""
         with self._own_threads():
@@ -326,6 +348,8 @@ class MeasuredCosts:
 
 #: the classifier width :meth:`MeasuredCosts.overhead` times a whole step at (at most)
 OVERHEAD_CLASSES = 1000
+#: bytes :meth:`MeasuredCosts.copy` times a copy of (a bucket's size, under the mmap threshold)
+COPY_BYTES = 8 * 2**20
 #: elements of an fp32 tensor at glibc's largest dynamic mmap threshold (32 MiB)
 MMAP_ELEMENTS = 32 * 2**20 // FLOAT
 
@@ -362,4 +386,7 @@ class ZeroCosts:
         return 0.0, 0.0
 
     def update(self, sizes: Sequence[int]) -> float:
+        return 0.0
+
+    def copy(self, nbytes: int) -> float:
         return 0.0

@@ -89,18 +89,29 @@ def gather_peaks(device: torch.device | str = "cpu") -> list[int]:
 
 
 def available_memory(device: str = "cpu", local_workers: int = 1, in_process: bool = False,
-                     given_gb: float | None = None) -> tuple[int | None, str]:
+                     given_gb: float | None = None, here: bool = False) -> tuple[int | None, str]:
     """Memory one worker may use, and where the figure comes from: ``given_gb``
     (``--memory-per-worker``) when set; else on CUDA the device's total memory; on the CPU
     the machine's available memory (``MemAvailable`` of ``/proc/meminfo``) shared among the
     ``local_workers`` of this machine. ``in_process``: the one worker runs in this process
-    (a one-worker run), so what it holds now counts too."""
+    (a one-worker run), so what it holds now counts too. ``here``: the workers are about to
+    run on this machine's CPU (train, bench), so a ``given_gb`` over their share of its
+    memory is capped at that share: K local workers cannot hold more than the machine has."""
     if given_gb is not None:
-        return int(given_gb * 1e9), "--memory-per-worker"
+        given = int(given_gb * 1e9)
+        share, how = _cpu_share(local_workers, in_process) if here and device == "cpu" else (None, "")
+        if share is not None and share < given:
+            return share, f"{how}, under --memory-per-worker {given_gb:g} GB"
+        return given, "--memory-per-worker"
     if device == "cuda":
         if not torch.cuda.is_available():
             return None, "no CUDA device"
         return int(torch.cuda.get_device_properties(0).total_memory), "the GPU's total memory"
+    return _cpu_share(local_workers, in_process)
+
+
+def _cpu_share(local_workers: int, in_process: bool) -> tuple[int | None, str]:
+    """This machine's available memory over its ``local_workers``, and how it was found."""
     avail = None
     try:
         with open("/proc/meminfo") as fh:

@@ -96,13 +96,14 @@ def _link(choice: str | float, k: int, collective_us: float, threads: int, this_
 
 
 def plan_memory(model: str, classes: int, channels: int, image: int, k: int, given_gb: float | None, device: str,
-                cfg: TrainConfig | None = None, run: str = "train"):
+                cfg: TrainConfig | None = None, run: str = "train", here: bool = False):
     """The planner's memory check: ``(predict(variant, k, batch), bytes per worker, where
     that figure comes from)``. Each candidate is predicted as ``train`` would hold it (the
     model on the meta device, :mod:`onetrick.perf.memory_model`). The memory per worker is
     ``--memory-per-worker`` when given, else detected (CPU: available memory / K; a GPU
     profile planned on this machine has no detected limit). ``run="bench"``: as the bench's
-    steps alone hold it."""
+    steps alone hold it. ``here``: the workers run on this machine (``train --strategy
+    auto``, a bench's validation): a given figure is capped at their share of it."""
     from .memory import available_memory
     from .memory_model import predict_memory
     from .netmemory import net_memory
@@ -116,7 +117,7 @@ def plan_memory(model: str, classes: int, channels: int, image: int, k: int, giv
 
     if given_gb is None and device != "cpu" and cfg is None:
         return predict, None, "no limit given"
-    available, source = available_memory(device, k, given_gb=given_gb)
+    available, source = available_memory(device, k, given_gb=given_gb, here=here)
     return predict, available, source
 
 
@@ -220,7 +221,7 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
     blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
     probe = measured_link(cfg.workers, threads)
     memory, available, source = plan_memory(cfg.model, data.num_classes, data.in_channels, data.image_size,
-                                            cfg.workers, cfg.memory_per_worker, cfg.device, cfg)
+                                            cfg.workers, cfg.memory_per_worker, cfg.device, cfg, here=True)
     try:
         plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
                          cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None,

@@ -119,9 +119,10 @@ def candidate_variants(blocks: list[Block], k: int, batch: int, fc_batch: str = 
 def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link: Link = Link(), slow: float = 1.0,
               fc_batch: str = "full", only: str | None = None, cut: int | None = None, lr_scale: str = "none",
               runnable_only: bool = False, memory: Callable | None = None, available: int | None = None,
-              available_from: str = "") -> Plan:
+              available_from: str = "", contention_s: float = 0.0) -> Plan:
     """Predict every candidate; choose the fastest (``runnable_only``: of those ``train``
-    can run). ``slow`` multiplies compute (K workers sharing cores). ``memory(variant, k,
+    can run). ``slow`` multiplies compute (K workers sharing cores); ``contention_s`` is added
+    to every candidate's step (it cannot change the choice). ``memory(variant, k,
     batch)`` (a :class:`~onetrick.perf.memory_model.MemoryPrediction` per candidate) and
     ``available`` (bytes per worker, from ``available_from``): a candidate whose peak does
     not fit is kept in the table, marked, and never chosen; ValueError (one line) if none fits."""
@@ -130,7 +131,7 @@ def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link
     found = []
     for variant, b in candidate_variants(blocks, k, batch, fc_batch, only, cut, lr_scale):
         try:
-            r = predict(blocks, costs, variant, k, b, link, slow)
+            r = predict(blocks, costs, variant, k, b, link, slow, contention_s)
         except ValueError:   # not modelled here (two towers at K=2, more workers than neurons)
             continue
         ips = images_per_step(variant.strategy, k, b) / r.step_s if r.step_s else 0.0

@@ -1,13 +1,14 @@
 """gloo between K local workers, measured in a few seconds from the launcher.
 
 Each probe runs ``k`` gloo process groups over loopback TCP (the transport K local
-workers use): the busy-worker probes in ``k`` threads of this process, the link itself in
-``k`` processes forked from it (fork costs milliseconds, where starting K interpreters, as
-bench's probe does, would cost seconds of torch start-up on each). The link is measured
-between processes because threads of one process move large tensors slower than
-processes do: their temporaries' page faults queue on the one address space (an all-gather
-of 24 MiB in 2 threads here reached 0.1-0.5 of the all-reduce's bandwidth, in 2 processes
-0.6-0.75, as the sharded update's all-gathers did in training).
+workers use): the rendezvous probe in ``k`` threads of this process, the link itself and
+the overlap probe (of one-thread workers) in ``k`` processes forked from it (fork costs
+milliseconds, where starting K interpreters, as bench's probe does, would cost seconds
+of torch start-up on each). The link is measured between processes because threads of
+one process move large tensors slower than processes do: their temporaries' page faults
+queue on the one address space (an all-gather of 24 MiB in 2 threads here reached 0.1-0.5
+of the all-reduce's bandwidth, in 2 processes 0.6-0.75, as the sharded update's
+all-gathers did in training).
 
 * :func:`loopback_link`: the idle link: a one-float all-reduce and all-gather (the fixed
   cost of a collective), a 24 MiB all-reduce (bandwidth: the size of a gradient bucket),
@@ -17,7 +18,8 @@ of 24 MiB in 2 threads here reached 0.1-0.5 of the all-reduce's bandwidth, in 2 
   bandwidth here; a class-sharded classifier's gradient bucket is that large).
 * :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
   sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
-  copies and sums run on the workers' cores (0.7-1.3 ms per MB here).
+  copies and sums run on the workers' cores (0.7-1.3 ms per MB here); measured in forked
+  processes where a worker has one thread.
 * :func:`busy_sync_us`: what a *blocking* collective costs on top of that while the
   workers are busy computing. A worker that waits gives up its core; the collective
   completes only when every peer, and gloo's threads in each, has had a core to take its
@@ -228,11 +230,17 @@ def busy_sync_us(k: int, threads: int = 1, idle_us: float = 0.0, count: int = 24
     return max(0.0, statistics.median(extra) * 1e6 - idle_us)
 
 
-def overlap_us_per_mb(k: int, threads: int = 1, nbytes: int = 8 * 2**20, count: int = 10, repeats: int = 5) -> float:
+def overlap_us_per_mb(k: int, threads: int = 1, nbytes: int = 8 * 2**20, count: int = 20, repeats: int = 5) -> float:
     """Wall microseconds an asynchronous collective adds to the compute running beside it,
     per MB one worker sends: gloo's copies and sums take CPU from the same cores. Each of
-    ``k`` threads computes ``count`` chunks, alone and then with an ``nbytes`` all-reduce
-    in flight; the mean extra compute time over the bytes sent, median of ``repeats``."""
+    ``k`` workers computes ``count`` chunks (long enough to outlast the collective), alone
+    and then with an ``nbytes`` all-reduce in flight; the mean extra compute time over the
+    bytes sent, median of ``repeats``. The workers are processes forked from this one where
+    each computes on one thread, as the link probe's are: in threads of one process the
+    cost came out 10-30% lower here (590-820 us per MB against 670-940), short of what
+    DistributedDataParallel's overlapped buckets cost resnet18's backward. A worker of
+    more threads is probed in threads: a forked child cannot start an OpenMP team once the
+    parent has used one (libgomp hangs)."""
     busy = _Busy(threads)
     sent_mb = 2 * (k - 1) / k * nbytes / 1e6
 
@@ -256,7 +264,7 @@ def overlap_us_per_mb(k: int, threads: int = 1, nbytes: int = 8 * 2**20, count: 
     extra = []
     with busy:
         for r in range(repeats):
-            found = list(_in_threads(k, measure, f"overlap{r}").values())
+            found = list((_in_processes(k, measure) if threads == 1 else _in_threads(k, measure, f"overlap{r}")).values())
             extra.append(statistics.mean(f["overlap"] - f["alone"] for f in found) / sent_mb)
     return max(0.0, statistics.median(extra) * 1e6)
 

@@ -56,8 +56,13 @@ class WorkerClock:
         self.compute_s = 0.0
 
     def compute(self, seconds: float) -> None:
-        self.t += seconds * self.slow
-        self.compute_s += seconds * self.slow
+        """``seconds`` of one worker's compute, ``slow`` times longer here."""
+        self.elapse(seconds * self.slow)
+
+    def elapse(self, seconds: float) -> None:
+        """``seconds`` of wall time on the worker's cores, measured as such (not scaled by ``slow``)."""
+        self.t += seconds
+        self.compute_s += seconds
 
     def coll(self, tag: str, op: str, nbytes: int, async_op: bool = False) -> float:
         sent = _sent(op, self.k, nbytes)
@@ -74,9 +79,7 @@ class WorkerClock:
             self.blocking += 1
             self.wait(done)
         elif self.overlap_s_per_byte:   # gloo's copies and sums take the cores the compute runs on
-            stolen = sent * self.overlap_s_per_byte   # measured as wall time beside busy workers: not scaled by slow
-            self.t += stolen
-            self.compute_s += stolen
+            self.elapse(sent * self.overlap_s_per_byte)   # measured as wall time beside busy workers
         return done
 
     def wait(self, done: float) -> None:
@@ -207,7 +210,8 @@ def _trunk_sync_sharded(plan: Schedule, w: WorkerClock, rows: int, module_params
         for bi, blocks_left in enumerate(pending):
             if block in blocks_left:
                 blocks_left.discard(block)
-                if not blocks_left:
+                if not blocks_left:   # the gradients are copied into the flat bucket, then sent
+                    w.compute(plan.costs.copy(shards[bi] * k * FLOAT))
                     works.append(w.coll("weights", "reduce_scatter", shards[bi] * k * FLOAT, async_op=True))
 
     after_backward(ready)
@@ -242,12 +246,15 @@ def _data_ddp(plan: Schedule, w: WorkerClock, B: int) -> None:
             if pending[bi]:
                 break
             launched[bi] = True
-            works.append(w.coll("weights", "all_reduce", sum(sizes[i] for i in buckets[bi]) * FLOAT, async_op=True))
+            nbytes = sum(sizes[i] for i in buckets[bi]) * FLOAT
+            w.compute(plan.costs.copy(nbytes))   # DDP copies each gradient into its bucket (scaled by 1/K)
+            works.append(w.coll("weights", "all_reduce", nbytes, async_op=True))
 
     plan.trunk_forward(w, B)
     plan.head_dense(w, B, ready)
     plan.trunk_backward(w, B, ready)
     w.wait(max(works, default=0.0))
+    w.compute(plan.costs.copy(sum(sizes) * FLOAT))   # and the reduced buckets back into the gradients
     w.coll("metrics", "all_reduce", 3 * FLOAT)
     w.compute(plan.costs.update(plan.param_sizes()))
 

@@ -8,9 +8,12 @@ what it would have at start-up: layer costs timed here
 (:func:`~onetrick.perf.planner.measured_costs`) and the link between K workers measured
 here (:func:`~onetrick.perf.probe.measured_link`: the idle link, each op's bandwidth, the
 busy workers' cost per rendezvous and per MB overlapped); plus, from the bench, the
-compute slowdown of K workers sharing the machine (the ``independent`` row's step over
-the predicted ``single`` step; without one, time-sharing of the cores). Reported per K:
-the pick's measured step against the best measured candidate's, and per row the
+machine's speed during the bench against its speed now (the ``single`` row over its
+prediction), by which compute and the probe's wall times are scaled, and what K workers
+lose to each other per step (the ``independent`` row, K workers that never communicate,
+less what time-sharing the cores explains), added to every candidate's step; so the pick
+is the one the live planner makes from the same timings. Reported per K: the pick's
+measured step against the best measured candidate's, and per row the
 prediction's error, with and without the probe's busy-worker and per-op terms. The pick is
 of the plans that fit in memory (the bench's steps, :mod:`~onetrick.perf.memory_model`,
 against ``--memory-per-worker`` or this machine's available memory / K): the bench left out
@@ -36,15 +39,29 @@ def _classes(data: str) -> int:
     return classes(data)
 
 
-def _slow(rows: list[dict], k: int, threads: int, cores: int | None, single_ms: float) -> float:
-    """How much slower the K workers computed during the bench than the layer timings say
-    one worker computes: the ``independent`` row (K workers, no communication) over the
-    predicted one-worker step ``single_ms``. This also takes out the drift of this shared
-    machine's speed between the layer timings and the bench (up to 30% here)."""
+def _calibration(rows: list[dict], k: int, threads: int, cores: int | None, single_ms: float
+                 ) -> tuple[float, float, float]:
+    """``(drift, share, contention_ms)`` for K workers, from the bench's own rows:
+
+    * ``drift``: how much faster this machine ran the bench's one-worker step than the
+      layer timings taken now predict it (a validation recomputed later, or in another
+      minute of this shared VM, whose speed moved by up to 50% between two rounds of one
+      bench). Compute and the probe's wall times are scaled by it to the bench's speed;
+      1 without a one-worker row.
+    * ``share``: K workers of ``threads`` threads time-sharing the cores, as the live
+      planner charges it (``plan._slow``): every compute ``max(1, K*T/cores)`` times longer.
+    * ``contention_ms``: what K workers lose to each other beyond that, per step: the
+      ``independent`` row (K workers, no communication) less ``share`` one-worker steps.
+      Charged to every candidate alike, it leaves the pick the live planner's: two
+      resnet18 workers lost 13 ms a step to each other at B=16 and 10 at 32, a loss per
+      step, which as a factor on compute over-charged model parallelism's K*B rows.
+    """
+    single = next((r for r in rows if r["strategy"] == "single" and r["workers"] == 1), None)
+    drift = single["step_ms"] / single_ms if single else 1.0
+    share = max(1.0, k * threads / cores) if cores else 1.0
     ind = next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k), None)
-    if ind:
-        return ind["step_ms"] / single_ms
-    return max(1.0, k * threads / cores) if cores else 1.0
+    contention_ms = ind["step_ms"] - share * single["step_ms"] if ind and single else 0.0
+    return drift, share, contention_ms
 
 
 def validate_plan(result: dict) -> dict:
@@ -60,15 +77,18 @@ def validate_plan(result: dict) -> dict:
         measured = {r["label"]: r for r in result["rows"] if r["workers"] == k and r["strategy"] != "independent"}
         if not measured:
             continue
-        slow = _slow(result["rows"], k, threads, cores, single_ms)
+        drift, share, contention_ms = _calibration(result["rows"], k, threads, cores, single_ms)
+        slow, extra = drift * share, contention_ms / 1e3
         probe = measured_link(k, threads)   # what train --strategy auto measures at start-up
-        link = Link.from_measured(probe)
+        link = Link.from_measured(probe).slower(drift)
         bare = link.idle()
         memory, available, source = plan_memory(result["model"], classes, 3, result["image_size"], k,
-                                                result.get("memory_per_worker"), result.get("device", "cpu"), run="bench")
+                                                result.get("memory_per_worker"), result.get("device", "cpu"), run="bench",
+                                                here=True)
         plan = make_plan(blocks, costs, k, batch, link, slow, runnable_only=True, memory=memory, available=available,
-                         available_from=source)
-        before = {c.label: c.result.step_s * 1e3 for c in make_plan(blocks, costs, k, batch, bare, slow).candidates}
+                         available_from=source, contention_s=extra)
+        before = {c.label: c.result.step_s * 1e3
+                  for c in make_plan(blocks, costs, k, batch, bare, slow, contention_s=extra).candidates}
         ran = [c for c in plan.candidates if c.label in measured]
         pick = min((c for c in ran if c.fits), key=lambda c: c.result.step_s)   # what it would pick of what ran
         best = min(measured.values(), key=lambda r: r["step_ms"])   # every candidate's step is K*B examples
@@ -76,7 +96,8 @@ def validate_plan(result: dict) -> dict:
                  "measured_step_ms": measured[c.label]["step_ms"],
                  "error": c.result.step_s * 1e3 / measured[c.label]["step_ms"] - 1,
                  "error_uncalibrated": before[c.label] / measured[c.label]["step_ms"] - 1} for c in ran]
-        out.append({"workers": k, "slow": slow, "link_gbps": link.gbps, "collective_us": link.collective_us,
+        out.append({"workers": k, "slow": slow, "drift": drift, "share": share, "contention_ms": contention_ms,
+                    "link_gbps": link.gbps, "collective_us": link.collective_us,
                     "sync_us": link.sync_us, "overlap_us_per_mb": link.overlap_us_per_mb, "op_factor": link.op_factor,
                     "large_op_factor": link.large_op_factor,
                     "pick": pick.label, "pick_measured_ms": measured[pick.label]["step_ms"],
@@ -98,7 +119,11 @@ def plan_report(v: dict) -> str:
                          + "".join(f" ({f:.2f}x over 32 MiB)" for op, f in k.get("large_op_factor", {}).items()
                                    if op == "all_gather")
                          + f", {k['sync_us'] / 1e3:.1f} ms per rendezvous among busy workers, "
-                         f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped" for k in v["per_k"]) + ".", "",
+                         f"{k['overlap_us_per_mb']:.0f} us of compute per MB overlapped"
+                         + (f" (the probe's times x{k['drift']:.2f}, to the machine's speed during the bench)"
+                            if abs(k.get("drift", 1.0) - 1) > 0.005 else "")
+                         + (f", {k['contention_ms']:.0f} ms a step lost to the other workers (independent row)"
+                            if "contention_ms" in k else "") for k in v["per_k"]) + ".", "",
              "| K | planner's pick | its measured step ms | best measured | its step ms | pick vs best |",
              "|---:|---|---:|---|---:|---:|"]
     for k in v["per_k"]:
