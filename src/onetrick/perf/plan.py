@@ -121,9 +121,9 @@ def plan_memory(model: str, classes: int, channels: int, image: int, k: int, giv
     return predict, available, source
 
 
-def _slow(k: int, threads: int) -> float:
-    """K workers of T threads on this machine's cores: each gets ``cores / (K*T)`` of a core."""
-    return max(1.0, k * threads / (os.cpu_count() or 1))
+def time_share(k: int, threads: int, cores: int | None = None) -> float:
+    """K workers of T threads on ``cores`` (default: this machine's): each gets ``cores / (K*T)`` of a core."""
+    return max(1.0, k * threads / (cores or os.cpu_count() or 1))
 
 
 def _default_threads(k: int) -> int:
@@ -146,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     classes = args.classes or (10 if args.model == "smallnet" else 1000)
     threads = args.threads or _default_threads(args.workers)
     blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
-    slow = _slow(args.workers, threads)
+    slow = time_share(args.workers, threads)
     link, probe, named = _link(choice, args.workers, args.collective_us, threads, args.profile == "this-cpu")
     if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
         prof = PROFILES[args.profile]
@@ -223,7 +223,7 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
     memory, available, source = plan_memory(cfg.model, data.num_classes, data.in_channels, data.image_size,
                                             cfg.workers, cfg.memory_per_worker, cfg.device, cfg, here=True)
     try:
-        plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), _slow(cfg.workers, threads),
+        plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), time_share(cfg.workers, threads),
                          cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None,
                          cfg.lr_scale, runnable_only=True, memory=memory, available=available, available_from=source)
     except ValueError as err:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .blocks import activation_bytes
 from .schedule import ACT_TAG, HEAD_TAG
 
-__all__ = ["COLUMNS", "PAPER_SPEEDUPS", "bench_report", "bench_table", "bytes_table", "fmt", "paper_table",
+__all__ = ["COLUMNS", "PAPER_SPEEDUPS", "bench_report", "bench_row", "bench_table", "bytes_table", "fmt", "paper_table",
            "plot_bench", "plot_sweep", "simulation_report", "sweep_table", "validation_table", "write_bench",
            "write_simulation"]
 
@@ -28,6 +28,11 @@ PAPER_SPEEDUPS = {"full": {1: 1.0, 2: 1.95, 4: 3.74, 8: 6.25}, "worker": {1: 1.0
 def fmt(x: float | None, spec: str = ".2f", none: str = "-") -> str:
     """``x`` formatted, or ``none`` for None (a cell with nothing to show)."""
     return none if x is None else format(x, spec)
+
+
+def bench_row(rows: list[dict], strategy: str, k: int) -> dict | None:
+    """The bench row of ``strategy`` at ``k`` workers (``single``, ``independent``), or None."""
+    return next((r for r in rows if r["strategy"] == strategy and r["workers"] == k), None)
 
 
 def bench_table(result: dict) -> str:

@@ -69,7 +69,7 @@ from ..argtypes import link_mbps
 from ..config import ConfigError, TrainConfig
 from .bench_memory import fitting_jobs, memory_columns
 from .costmodel import variant_label
-from .report import fmt
+from .report import bench_row, fmt
 from .workers import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
 
 __all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_bench"]
@@ -380,7 +380,7 @@ def _finish(result: dict) -> None:
     for r in rows:
         r["speedup"] = r["images_per_s"] / single["images_per_s"] if single else None
         r["efficiency"] = r["speedup"] / r["workers"] if r["speedup"] else None
-        ceiling = next((c for c in rows if c["strategy"] == "independent" and c["workers"] == r["workers"]), None)
+        ceiling = bench_row(rows, "independent", r["workers"])
         r["of_ceiling"] = (r["images_per_s"] / ceiling["images_per_s"]
                            if ceiling and r["strategy"] not in ("single", "model") else None)
         r["comm_est_ms"] = r["bytes_total"] / (bw * 1e6 / 8) * 1e3 if bw and r["workers"] > 1 else None

@@ -14,6 +14,7 @@ from pathlib import Path
 from .blocks import model_blocks
 from .costmodel import Link, Variant, images_per_step, predict
 from .costs import MeasuredCosts, ZeroCosts
+from .report import bench_row
 
 __all__ = ["validate"]
 
@@ -46,7 +47,7 @@ def validate(bench_json: Path, reps: int = 5, bytes_only: bool = False) -> dict:
         an ``independent`` row at K (K processes that never communicate): its step time
         over the single step. Else time-sharing: K workers of T threads plus the other
         processes' measured load on C cores each get C / (K*T + other) of a core."""
-        ind = next((r for r in bench["rows"] if r["strategy"] == "independent" and r["workers"] == k), None)
+        ind = bench_row(bench["rows"], "independent", k)
         if k > 1 and ind and measured_base:
             return max(1.0, ind["step_ms"] / measured_base["step_ms"]), "independent row"
         other = (row or {}).get("foreign_cores") or 0.0

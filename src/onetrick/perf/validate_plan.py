@@ -22,9 +22,10 @@ the jobs that do not, and the planner drops them.
 from __future__ import annotations
 
 from .costmodel import Link, Variant, predict
-from .plan import plan_memory
+from .plan import plan_memory, time_share
 from .planner import make_plan, measured_costs
 from .probe import measured_link
+from .report import bench_row
 
 __all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
 
@@ -49,17 +50,16 @@ def _calibration(rows: list[dict], k: int, threads: int, cores: int | None, sing
       bench). Compute and the probe's wall times are scaled by it to the bench's speed;
       1 without a one-worker row.
     * ``share``: K workers of ``threads`` threads time-sharing the cores, as the live
-      planner charges it (``plan._slow``): every compute ``max(1, K*T/cores)`` times longer.
+      planner charges it (``plan.time_share``): every compute ``max(1, K*T/cores)`` times longer.
     * ``contention_ms``: what K workers lose to each other beyond that, per step: the
       ``independent`` row (K workers, no communication) less ``share`` one-worker steps.
       Charged to every candidate alike, it leaves the pick the live planner's: two
       resnet18 workers lost 13 ms a step to each other at B=16 and 10 at 32, a loss per
       step, which as a factor on compute over-charged model parallelism's K*B rows.
     """
-    single = next((r for r in rows if r["strategy"] == "single" and r["workers"] == 1), None)
+    single, ind = bench_row(rows, "single", 1), bench_row(rows, "independent", k)
     drift = single["step_ms"] / single_ms if single else 1.0
-    share = max(1.0, k * threads / cores) if cores else 1.0
-    ind = next((r for r in rows if r["strategy"] == "independent" and r["workers"] == k), None)
+    share = time_share(k, threads, cores) if cores else 1.0
     contention_ms = ind["step_ms"] - share * single["step_ms"] if ind and single else 0.0
     return drift, share, contention_ms
 
