@@ -2,12 +2,11 @@
 
 Each probe runs ``k`` gloo process groups over loopback TCP (the transport K local
 workers use): the rendezvous probe in ``k`` threads of this process, the link itself and
-the overlap probe (of one-thread workers) in ``k`` processes forked from it (fork costs
-milliseconds, where starting K interpreters, as bench's probe does, would cost seconds
-of torch start-up on each). The link is measured between processes because threads of
+the overlap probe in ``k`` fresh interpreters (forking the launcher, which by then has
+run threads, hung a child). The link is measured between processes because threads of
 one process move large tensors slower than processes do: their temporaries' page faults
-queue on the one address space (an all-gather of 24 MiB in 2 threads here reached 0.1-0.5
-of the all-reduce's bandwidth, in 2 processes 0.6-0.75, as the sharded update's
+queue on the one address space (an all-gather of 24 MiB in 2 threads here reached
+0.1-0.5 of the all-reduce's bandwidth, in 2 processes 0.6-0.75, as the sharded update's
 all-gathers did in training).
 
 * :func:`loopback_link`: the idle link: a one-float all-reduce and all-gather (the fixed
@@ -18,8 +17,8 @@ all-gathers did in training).
   bandwidth here; a class-sharded classifier's gradient bucket is that large).
 * :func:`overlap_us_per_mb`: what an *asynchronous* collective (DDP's buckets, the
   sharded update's reduce-scatters) adds to the compute it overlaps, per MB sent: gloo's
-  copies and sums run on the workers' cores (0.7-1.3 ms per MB here); measured in forked
-  processes where a worker has one thread.
+  copies and sums run on the workers' cores (0.7-1.3 ms per MB here); measured in
+  processes, as the workers run.
 * :func:`busy_sync_us`: what a *blocking* collective costs on top of that while the
   workers are busy computing. A worker that waits gives up its core; the collective
   completes only when every peer, and gloo's threads in each, has had a core to take its
@@ -33,14 +32,18 @@ all-gathers did in training).
 """
 from __future__ import annotations
 
-import multiprocessing
+import functools
 import os
+import pickle
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,44 +79,58 @@ def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, 
     return found
 
 
-def _forked(fn: Callable[[int, Any], dict], rank: int, k: int, store_path: str, queue) -> None:
-    torch.set_num_threads(1)   # a forked child must not enter the parent's OpenMP pool
+_CHILD = "import sys; from onetrick.perf.probe import _probe_worker; _probe_worker(*sys.argv[1:])"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the folder onetrick is imported from
+
+
+def _probe_worker(job: str, rank: str, k: str, store_path: str, out: str) -> None:
+    """One probe worker in a fresh interpreter: the pickled ``fn`` in ``job`` run as
+    ``fn(rank, group)`` with a gloo group over a file store; its result, or its error,
+    pickled to ``out``."""
     import torch.distributed as dist
 
+    with open(job, "rb") as f:
+        fn = pickle.load(f)
     try:
-        pg = dist.ProcessGroupGloo(dist.FileStore(store_path, k), rank, k, timedelta(seconds=60))
-        queue.put((rank, fn(rank, pg)))
-    except BaseException as err:   # surfaced in the parent
-        queue.put((rank, err if isinstance(err, Exception) else RuntimeError(repr(err))))
+        pg = dist.ProcessGroupGloo(dist.FileStore(store_path, int(k)), int(rank), int(k), timedelta(seconds=60))
+        result: Any = fn(int(rank), pg)
+    except Exception as err:   # surfaced in the parent
+        result = RuntimeError(f"{type(err).__name__}: {err}")
+    with open(out + ".tmp", "wb") as f:
+        pickle.dump(result, f)
+    os.replace(out + ".tmp", out)
 
 
-def _in_processes(k: int, fn: Callable[[int, Any], dict]) -> dict[int, dict]:
-    """``fn(rank, group)`` in ``k`` processes forked from this one (threads where fork is
-    not available); rank -> result."""
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return _in_threads(k, fn, "probe")
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
+def _in_processes(k: int, fn: Callable[[int, Any], Any], timeout_s: float = 120.0) -> dict[int, Any]:
+    """``fn(rank, group)`` (picklable: a module-level function or a partial of one) in ``k``
+    fresh interpreters, each with a gloo group of its own; rank -> result. Each pays
+    torch's start-up (1-2 s here, the K of them together); forking the launcher instead
+    took milliseconds but hung a child in CI: a lock held at the fork by one of the
+    launcher's threads (an earlier probe's gloo group) stays locked in the child."""
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_forked, args=(fn, r, k, os.path.join(tmp, "store"), queue), daemon=True)
+        job, store = os.path.join(tmp, "job"), os.path.join(tmp, "store")
+        with open(job, "wb") as f:
+            pickle.dump(fn, f)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        outs = [os.path.join(tmp, f"out{r}") for r in range(k)]
+        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, job, str(r), str(k), store, outs[r]], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for r in range(k)]
+        deadline = time.monotonic() + timeout_s
+        errors: list[str] = []
         for p in procs:
-            p.start()
-        found: dict[int, Any] = {}
-        try:
-            for _ in procs:
-                rank, result = queue.get(timeout=120)
-                found[rank] = result
-        except Exception:   # queue.Empty: a child died or hung
-            pass
-        finally:
-            for p in procs:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-    errors = [r for r in found.values() if isinstance(r, BaseException)]
+            try:
+                _, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                if p.returncode:
+                    errors.append((err.decode(errors="replace").strip().splitlines() or [f"exit {p.returncode}"])[-1])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                errors.append(f"timed out after {timeout_s:.0f} s")
+        found = {r: pickle.load(open(out, "rb")) for r, out in enumerate(outs) if os.path.exists(out)}
+    errors += [str(r) for r in found.values() if isinstance(r, BaseException)]
     if errors or len(found) < k:
-        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'timed out'}")
+        raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'a worker left no result'}")
     return found
 
 
@@ -141,6 +158,29 @@ def _bandwidths(pg, k: int, nbytes: int, reps: int, fixed: float) -> dict[str, f
     return bw
 
 
+def _measure_link(rank: int, pg, k: int, nbytes: int, large: int, reps: int) -> dict:
+    """:func:`loopback_link`'s measurement in one of its ``k`` processes."""
+    torch.set_num_threads(1)   # as a one-thread worker: gloo's sums run on its own threads
+    one = torch.zeros(1)
+    outs = [torch.zeros(1) for _ in range(k)]
+    ar, ag = [], []
+    for _ in range(11):
+        t0 = time.perf_counter()
+        pg.allreduce([one]).wait()
+        t1 = time.perf_counter()
+        pg.allgather([outs], [one]).wait()
+        ar.append(t1 - t0)
+        ag.append(time.perf_counter() - t1)
+    fixed = statistics.median(ar[1:])
+    bw = _bandwidths(pg, k, nbytes, reps, fixed)
+    big = _bandwidths(pg, k, large, max(1, reps - 2), fixed)
+    return {"measured_mbps": bw["all_reduce"] * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
+            "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
+            "op_factor": {op: bw[op] / bw["all_reduce"] for op in ("reduce_scatter", "all_gather")},
+            "large_op_factor": {op: big[op] / bw["all_reduce"] for op in big},
+            "kind": f"loopback probe: {k} gloo processes started by the launcher"}
+
+
 def loopback_link(k: int, nbytes: int = LINK_BYTES, large: int = LARGE_BYTES, reps: int = 5) -> dict:
     """The idle link between ``k`` local worker processes, in 1-4 s: the median time of a
     one-float all-reduce and all-gather (the fixed cost of a collective), the bandwidth of
@@ -149,28 +189,7 @@ def loopback_link(k: int, nbytes: int = LINK_BYTES, large: int = LARGE_BYTES, re
     all-reduce's (gloo's are slower: 0.3 and 0.6-0.75 of it here); ``large_op_factor``: the
     same three ops on ``large`` bytes (over the mmap threshold), as fractions of that
     all-reduce's bandwidth."""
-
-    def measure(rank: int, pg) -> dict:
-        one = torch.zeros(1)
-        outs = [torch.zeros(1) for _ in range(k)]
-        ar, ag = [], []
-        for _ in range(11):
-            t0 = time.perf_counter()
-            pg.allreduce([one]).wait()
-            t1 = time.perf_counter()
-            pg.allgather([outs], [one]).wait()
-            ar.append(t1 - t0)
-            ag.append(time.perf_counter() - t1)
-        fixed = statistics.median(ar[1:])
-        bw = _bandwidths(pg, k, nbytes, reps, fixed)
-        big = _bandwidths(pg, k, large, max(1, reps - 2), fixed)
-        return {"measured_mbps": bw["all_reduce"] * 8 / 1e6, "latency_us": fixed / 2 / (k - 1) * 1e6,
-                "collective_us": {"all_reduce": fixed * 1e6, "all_gather": statistics.median(ag[1:]) * 1e6},
-                "op_factor": {op: bw[op] / bw["all_reduce"] for op in ("reduce_scatter", "all_gather")},
-                "large_op_factor": {op: big[op] / bw["all_reduce"] for op in big},
-                "kind": f"loopback probe: {k} gloo processes forked from the launcher"}
-
-    return _in_processes(k, measure)[0]
+    return _in_processes(k, functools.partial(_measure_link, k=k, nbytes=nbytes, large=large, reps=reps))[0]
 
 
 class _Busy:
@@ -230,42 +249,40 @@ def busy_sync_us(k: int, threads: int = 1, idle_us: float = 0.0, count: int = 24
     return max(0.0, statistics.median(extra) * 1e6 - idle_us)
 
 
+def _measure_overlap(rank: int, pg, busy: _Busy, nbytes: int, count: int, repeats: int) -> list[dict]:
+    """:func:`overlap_us_per_mb`'s measurement in one of its workers, ``repeats`` times: the
+    time of ``count`` chunks alone and with an ``nbytes`` all-reduce in flight."""
+    x, msg, one = busy.a.clone(), torch.ones(nbytes // 4), torch.zeros(1)
+
+    def run(comm: bool) -> float:
+        pg.allreduce([one]).wait()   # start together
+        t = time.perf_counter()
+        work = pg.allreduce([msg]) if comm else None
+        for _ in range(count):
+            busy.chunk(x)
+        spent = time.perf_counter() - t
+        if work is not None:
+            work.wait()
+        return spent
+
+    with busy:
+        run(True)   # warm up the connections and the buffers
+        return [{"alone": run(False), "overlap": run(True)} for _ in range(repeats)]
+
+
 def overlap_us_per_mb(k: int, threads: int = 1, nbytes: int = 8 * 2**20, count: int = 20, repeats: int = 5) -> float:
     """Wall microseconds an asynchronous collective adds to the compute running beside it,
     per MB one worker sends: gloo's copies and sums take CPU from the same cores. Each of
-    ``k`` workers computes ``count`` chunks (long enough to outlast the collective), alone
-    and then with an ``nbytes`` all-reduce in flight; the mean extra compute time over the
-    bytes sent, median of ``repeats``. The workers are processes forked from this one where
-    each computes on one thread, as the link probe's are: in threads of one process the
-    cost came out 10-30% lower here (590-820 us per MB against 670-940), short of what
-    DistributedDataParallel's overlapped buckets cost resnet18's backward. A worker of
-    more threads is probed in threads: a forked child cannot start an OpenMP team once the
-    parent has used one (libgomp hangs)."""
+    ``k`` workers of ``threads`` threads computes ``count`` chunks (long enough to outlast
+    the collective), alone and then with an ``nbytes`` all-reduce in flight; the mean extra
+    compute time over the bytes sent, median of ``repeats``. The workers are processes, as
+    the link probe's are: in threads of one process the cost came out 10-30% lower here
+    (590-820 us per MB against 670-940), short of what DistributedDataParallel's
+    overlapped buckets cost resnet18's backward."""
     busy = _Busy(threads)
     sent_mb = 2 * (k - 1) / k * nbytes / 1e6
-
-    def measure(rank: int, pg) -> dict:
-        x, msg, one = busy.a.clone(), torch.ones(nbytes // 4), torch.zeros(1)
-
-        def run(comm: bool) -> float:
-            pg.allreduce([one]).wait()   # start together
-            t = time.perf_counter()
-            work = pg.allreduce([msg]) if comm else None
-            for _ in range(count):
-                busy.chunk(x)
-            spent = time.perf_counter() - t
-            if work is not None:
-                work.wait()
-            return spent
-
-        run(True)   # warm up the connections and the buffers
-        return {"alone": run(False), "overlap": run(True)}
-
-    extra = []
-    with busy:
-        for r in range(repeats):
-            found = list((_in_processes(k, measure) if threads == 1 else _in_threads(k, measure, f"overlap{r}")).values())
-            extra.append(statistics.mean(f["overlap"] - f["alone"] for f in found) / sent_mb)
+    found = _in_processes(k, functools.partial(_measure_overlap, busy=busy, nbytes=nbytes, count=count, repeats=repeats))
+    extra = [statistics.mean(f[r]["overlap"] - f[r]["alone"] for f in found.values()) / sent_mb for r in range(repeats)]
     return max(0.0, statistics.median(extra) * 1e6)
 
 
