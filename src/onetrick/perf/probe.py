@@ -127,7 +127,7 @@ def _in_processes(k: int, fn: Callable[[int, Any], Any], timeout_s: float = 120.
                 p.kill()
                 p.communicate()
                 errors.append(f"timed out after {timeout_s:.0f} s")
-        found = {r: pickle.load(open(out, "rb")) for r, out in enumerate(outs) if os.path.exists(out)}
+        found = {r: pickle.loads(Path(out).read_bytes()) for r, out in enumerate(outs) if os.path.exists(out)}
     errors += [str(r) for r in found.values() if isinstance(r, BaseException)]
     if errors or len(found) < k:
         raise RuntimeError(f"loopback link probe failed: {errors[0] if errors else 'a worker left no result'}")
