@@ -67,6 +67,13 @@ class Runtime:
         return dist.is_initialized()
 
 
+def package_pythonpath() -> str:
+    """``PYTHONPATH`` for a fresh interpreter that must import this onetrick (a probe's or
+    a network namespace's worker): the folder it is imported from, then the caller's."""
+    root = str(Path(__file__).resolve().parents[2])   # above onetrick/distributed/
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 

@@ -80,7 +80,6 @@ def _in_threads(k: int, fn: Callable[[int, Any], dict], name: str) -> dict[int, 
 
 
 _CHILD = "import sys; from onetrick.perf.probe import _probe_worker; _probe_worker(*sys.argv[1:])"
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the folder onetrick is imported from
 
 
 def _probe_worker(job: str, rank: str, k: str, store_path: str, out: str) -> None:
@@ -107,11 +106,13 @@ def _in_processes(k: int, fn: Callable[[int, Any], Any], timeout_s: float = 120.
     torch's start-up (1-2 s here, the K of them together); forking the launcher instead
     took milliseconds but hung a child in CI: a lock held at the fork by one of the
     launcher's threads (an earlier probe's gloo group) stays locked in the child."""
+    from ..distributed.runtime import package_pythonpath
+
     with tempfile.TemporaryDirectory() as tmp:
         job, store = os.path.join(tmp, "job"), os.path.join(tmp, "store")
         with open(job, "wb") as f:
             pickle.dump(fn, f)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": package_pythonpath()}
         outs = [os.path.join(tmp, f"out{r}") for r in range(k)]
         procs = [subprocess.Popen([sys.executable, "-c", _CHILD, job, str(r), str(k), store, outs[r]], env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

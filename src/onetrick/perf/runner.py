@@ -97,12 +97,11 @@ def _run_local(cfg: TrainConfig, fn_name: str, fargs: list, k: int) -> dict[int,
 
 def _run_netns(net, cfg: TrainConfig, fn_name: str, fargs: list, k: int, timeout: float, port: int) -> dict[int, dict]:
     """Start K processes, one per namespace host, as torchrun would; collect their results."""
-    from ..distributed.runtime import WorkerFailure
+    from ..distributed.runtime import WorkerFailure, package_pythonpath
 
     tmp = Path(tempfile.mkdtemp(prefix="onetrick-bench-"))
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"cfg": _cfg_dict(cfg), "fn": fn_name, "args": fargs, "result": str(tmp / "result")}))
-    src = str(Path(__file__).resolve().parents[2])   # .../src, above onetrick/perf/
     procs: list[subprocess.Popen] = []
     logs = []
     try:
@@ -110,7 +109,7 @@ def _run_netns(net, cfg: TrainConfig, fn_name: str, fargs: list, k: int, timeout
             env = {"RANK": str(i), "WORLD_SIZE": str(k), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                    "GROUP_RANK": str(i), "MASTER_ADDR": net.addr(0), "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": str(cfg.threads or 1),
-                   "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+                   "PYTHONPATH": package_pythonpath()}
             log = open(tmp / f"rank{i}.log", "w")  # noqa: SIM115 (closed in finally)
             logs.append(log)
             procs.append(net.popen(i, [sys.executable, "-m", "onetrick.perf.runner", "--worker", str(spec)], env=env,
