@@ -58,7 +58,7 @@ def main() -> None:
     print(f"test top-1 error {summary['top1_error']:.2%} after {summary['steps']} steps on {args.workers} workers")
 
     # `model` now holds the trained weights; an export of the run loads into a fresh instance.
-    from onetrick.export import export_run
+    from onetrick.run.export import export_run
 
     path = export_run(args.out)
     again = onetrick.load(path, model=DigitsNet())

@@ -22,7 +22,7 @@ status=0
   > "$out/env.txt" 2>&1
 # 1. the gpu tests (about 2 minutes; limits below add up to under 8 minutes)
 # -o addopts: the GPU machine's pytest may lack pytest-xdist (pyproject's -n 2) and needs no parallelism
-timeout 180 $py -m pytest -q -o addopts=-ra $tests tests/test_precision.py tests/test_step_sync.py -p no:cacheprovider \
+timeout 180 $py -m pytest -q -o addopts=-ra $tests tests/distributed/test_precision.py tests/distributed/test_step_sync.py -p no:cacheprovider \
   > "$out/pytest-gpu.txt" 2>&1 || status=1
 tail -3 "$out/pytest-gpu.txt"
 # 2. one-GPU bench rows: single vs the plain loop, fp32 and bf16; every strategy at world size 1

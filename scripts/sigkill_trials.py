@@ -35,7 +35,7 @@ def train(out: Path, crash: str | None = None) -> subprocess.CompletedProcess:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    from onetrick.export import full_state
+    from onetrick.run.export import full_state
 
     return full_state(run)
 

@@ -18,6 +18,6 @@ def onetrick(*args: str, timeout: float = 240, env: dict | None = None, cwd: Pat
 
 
 def exported_weights(run: Path) -> dict[str, torch.Tensor]:
-    from onetrick.export import full_state
+    from onetrick.run.export import full_state
 
     return full_state(run)

@@ -103,11 +103,11 @@ def test_the_cycle_finder_finds_a_cycle_and_resolves_relative_imports(tmp_path):
     (pkg / "sub" / "leaf.py").write_text("def f():\n    from ..top import g\n")
     assert find_cycle(import_graph(tmp_path, "pkg")) == ["pkg.sub.leaf", "pkg.top", "pkg.sub.leaf"]
     graph = import_graph()
-    assert "onetrick.distributed.runtime" in graph["onetrick.train"]             # from .distributed.runtime import
-    assert "onetrick.distributed.hogwild" in graph["onetrick.train"]             # inside a function
+    assert "onetrick.distributed.runtime" in graph["onetrick.run.train"]             # from .distributed.runtime import
+    assert "onetrick.distributed.hogwild" in graph["onetrick.run.train"]             # inside a function
     assert "onetrick.config" in graph["onetrick.distributed.strategy"]           # from ..config import
     assert "onetrick.models" not in graph["onetrick.distributed"]                # only under TYPE_CHECKING
-    assert "onetrick.checkpoint" in graph["onetrick.train"]                      # from . import checkpoint
+    assert "onetrick.run.checkpoint" in graph["onetrick.run.train"]                      # from . import checkpoint
 
 
 def test_no_import_circle_inside_the_package():

@@ -15,15 +15,15 @@ __all__ = ["TrainConfig", "TrunkHeadNet", "fit", "load", "parallelize"]
 
 def __getattr__(name: str) -> Any:
     if name in ("fit", "load", "parallelize"):
-        from . import api
+        from onetrick import api
 
         return getattr(api, name)
     if name == "TrainConfig":
-        from .config import TrainConfig
+        from onetrick.config import TrainConfig
 
         return TrainConfig
     if name == "TrunkHeadNet":
-        from .models import TrunkHeadNet
+        from onetrick.models import TrunkHeadNet
 
         return TrunkHeadNet
     raise AttributeError(f"module 'onetrick' has no attribute {name!r}")

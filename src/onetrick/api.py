@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import ConfigError, TrainConfig
-from .models import TrunkHeadNet, as_trunk_head, build_model, unshardable
-from .source import Source, user_data
+from onetrick.config import ConfigError, TrainConfig
+from onetrick.models import TrunkHeadNet, as_trunk_head, build_model, unshardable
+from onetrick.run.source import Source, user_data
 
 __all__ = ["fit", "load", "parallelize"]
 
@@ -61,9 +61,9 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, workers: int
     source = Source(net, data)
     if cfg.process_count > 1 or cfg.strategy == "hogwild":
         _check_picklable(source)
-    from . import checkpoint
-    from .export import full_state
-    from .train import train
+    from onetrick.run import checkpoint
+    from onetrick.run.export import full_state
+    from onetrick.run.train import train
 
     if cfg.resume:
         checkpoint.check_compatible(cfg.out, cfg.model)
@@ -92,7 +92,7 @@ def parallelize(model: nn.Module, strategy: str = "hybrid", *, head: str | None 
     """
     import torch.distributed as dist
 
-    from .distributed import parallelize as wrap
+    from onetrick.distributed import parallelize as wrap
 
     if strategy in ("hogwild", "paramserver"):
         raise ConfigError(f"strategy {strategy!r} runs its own asynchronous loop: use onetrick.fit")
@@ -116,7 +116,7 @@ def load(path: str | Path, model: nn.Module | None = None, head: str | None = No
     the export records, and returned in eval mode. A model of your own is not rebuilt:
     pass an untrained instance as ``model`` and its weights are loaded into it.
     """
-    from .export import export_record
+    from onetrick.run.export import export_record
 
     path = Path(path)
     record = export_record(path) if path.is_dir() else torch.load(path, weights_only=True)
@@ -196,7 +196,7 @@ def _runtime(cfg: TrainConfig):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from .distributed.runtime import Runtime, init_worker
+    from onetrick.distributed.runtime import Runtime, init_worker
 
     if not dist.is_initialized():
         return init_worker(cfg)

@@ -69,7 +69,7 @@ class TrainConfig:
     timeout_s: float = 300.0                # every collective fails after this instead of hanging
     max_restarts: int = 0
     # bookkeeping
-    out: Path | None = None                 # None: a fresh runs/<date-time>, linked as runs/latest (rundir.py)
+    out: Path | None = None                 # None: a fresh runs/<date-time>, linked as runs/latest (run/rundir.py)
     resume: bool = False
     overwrite: bool = False                 # remove onetrick's files of the run already in `out`
     eval_every: int = 200
@@ -92,7 +92,7 @@ class TrainConfig:
 
         ``builtin=False``: the model and data are the user's (:func:`onetrick.fit`), so
         ``model`` and ``data`` are labels and not checked here."""
-        from .models import check_model
+        from onetrick.models import check_model
 
         if builtin:
             try:
@@ -203,7 +203,7 @@ class TrainConfig:
         import torch
         from torch import nn
 
-        from .models import build_model
+        from onetrick.models import build_model
 
         with torch.device("meta"):
             head = build_model(self.model, 10, 3).head
@@ -225,7 +225,7 @@ class TrainConfig:
 def _check_data_spec(spec: str, train_examples: int | None, download: bool) -> None:
     """--data, --train-examples and --download, checked (and the download done, once) in
     the launching process: a missing file fails here, not in K workers."""
-    from .data import DataError, check_spec
+    from onetrick.data import DataError, check_spec
 
     try:
         check_spec(spec, train_examples, download)

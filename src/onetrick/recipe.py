@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from onetrick.config import TrainConfig
 
 
 def lr_scale_factor(mode: str, k: int) -> float:

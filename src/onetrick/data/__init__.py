@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError
-from .synthetic import SYNTHETIC_CLASSES, SYNTHETIC_TEST, SYNTHETIC_TRAIN
-from .transforms import stratified_indices
+from onetrick.data.bundle import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError
+from onetrick.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_TEST, SYNTHETIC_TRAIN
+from onetrick.data.transforms import stratified_indices
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SYNTHETIC_CLASSES", "SYNTHETIC_TEST", "SYNTHETIC_TRAIN", "DataBundle",
            "DataError", "build_data", "check_spec", "train_size"]
@@ -58,9 +58,9 @@ def _parse(spec: str) -> tuple[str, str]:
 
 def train_size(spec: str) -> int | None:
     """Training examples of ``spec`` where known without reading it (None otherwise)."""
-    from .cifar10 import TRAIN_SIZE as CIFAR
-    from .digits import DIGITS_TRAIN_SIZE
-    from .fashion_mnist import TRAIN_SIZE as FASHION
+    from onetrick.data.cifar10 import TRAIN_SIZE as CIFAR
+    from onetrick.data.digits import DIGITS_TRAIN_SIZE
+    from onetrick.data.fashion_mnist import TRAIN_SIZE as FASHION
 
     return {"digits": DIGITS_TRAIN_SIZE, "fashion-mnist": FASHION, "cifar10": CIFAR,
             "synthetic": SYNTHETIC_TRAIN}.get(_parse(spec)[0])
@@ -69,7 +69,7 @@ def train_size(spec: str) -> int | None:
 def check_spec(spec: str, train_examples: int | None = None, download: bool = False) -> None:
     """Everything about ``spec`` that can fail without loading it: its form, its files
     (after torchvision's download where ``download``), ``train_examples`` against its size."""
-    from . import cifar10, fashion_mnist
+    from onetrick.data import cifar10, fashion_mnist
 
     kind, arg = _parse(spec)
     if download and kind not in DOWNLOADABLE:
@@ -105,19 +105,19 @@ def build_data(spec: str, image_size: int, seed: int = 0, skip_corrupt: bool = F
         raise DataError(f"image size must be a positive integer, not {image_size!r}")
     kind, arg = _parse(spec)
     if kind == "digits":
-        from .digits import build_digits
+        from onetrick.data.digits import build_digits
         bundle = build_digits(image_size)
     elif kind == "fashion-mnist":
-        from .fashion_mnist import build_fashion_mnist
+        from onetrick.data.fashion_mnist import build_fashion_mnist
         bundle = build_fashion_mnist(arg or None, image_size)
     elif kind == "cifar10":
-        from .cifar10 import build_cifar10
+        from onetrick.data.cifar10 import build_cifar10
         bundle = build_cifar10(arg, image_size)
     elif kind == "imagefolder":
-        from .imagefolder import build_imagefolder
+        from onetrick.data.imagefolder import build_imagefolder
         bundle = build_imagefolder(Path(arg).expanduser(), image_size, skip_corrupt)
     else:
-        from .synthetic import build_synthetic
+        from onetrick.data.synthetic import build_synthetic
         bundle = build_synthetic(int(arg) if arg else classes or SYNTHETIC_CLASSES, image_size)
     return _subset(bundle, spec, train_examples) if train_examples is not None else bundle
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .bundle import DataBundle, DataError
-from .transforms import PaddedImages, channel_stats, pad_images
+from onetrick.data.bundle import DataBundle, DataError
+from onetrick.data.transforms import PaddedImages, channel_stats, pad_images
 
 TRAIN_SIZE = 50_000
 CANVAS = 32

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .bundle import DataBundle
+from onetrick.data.bundle import DataBundle
 
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0

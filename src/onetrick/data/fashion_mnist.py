@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .bundle import DataBundle, DataError
-from .transforms import PaddedImages, channel_stats, pad_images
+from onetrick.data.bundle import DataBundle, DataError
+from onetrick.data.transforms import PaddedImages, channel_stats, pad_images
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

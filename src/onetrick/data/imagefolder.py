@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .bundle import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError
+from onetrick.data.bundle import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError
 
 
 class ImageFiles(Dataset):

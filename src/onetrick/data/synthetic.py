@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from .bundle import DataBundle
+from onetrick.data.bundle import DataBundle
 
 SYNTHETIC_TRAIN = 100_000
 SYNTHETIC_TEST = 1_000

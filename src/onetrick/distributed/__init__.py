@@ -5,29 +5,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from ..models import TrunkHeadNet
-    from .runtime import Runtime
-    from .strategy import Strategy
+    from onetrick.config import TrainConfig
+    from onetrick.distributed.runtime import Runtime
+    from onetrick.distributed.strategy import Strategy
+    from onetrick.models import TrunkHeadNet
 
 
 def parallelize(model: TrunkHeadNet, cfg: TrainConfig, rt: Runtime) -> Strategy:
     """Apply the configured synchronous parallelism to a plain model (torchtitan's
     "parallelize" step). Asynchronous strategies run their own loops."""
     if cfg.strategy == "single":
-        from .strategy import SingleStrategy
+        from onetrick.distributed.strategy import SingleStrategy
 
         return SingleStrategy(model, cfg, rt)
     if cfg.strategy == "data":
-        from .data_parallel import data_parallel
+        from onetrick.distributed.data_parallel import data_parallel
 
         return data_parallel(model, cfg, rt)
     if cfg.strategy == "model":
-        from .model_parallel import ModelParallel
+        from onetrick.distributed.model_parallel import ModelParallel
 
         return ModelParallel(model, cfg, rt)
     if cfg.strategy == "hybrid":
-        from .hybrid import Hybrid
+        from onetrick.distributed.hybrid import Hybrid
 
         return Hybrid(model, cfg, rt)
     raise ValueError(f"strategy {cfg.strategy!r} has no synchronous worker")

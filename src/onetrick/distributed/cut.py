@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import TrunkHeadNet
+from onetrick.models import TrunkHeadNet
 
 
 class DataSide(nn.Module):

@@ -30,11 +30,11 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TrainConfig
-from ..models import TrunkHeadNet
-from ..recipe import make_sgd, param_groups
-from .runtime import Runtime
-from .strategy import SingleStrategy, StepOutput, Strategy
+from onetrick.config import TrainConfig
+from onetrick.distributed.runtime import Runtime
+from onetrick.distributed.strategy import SingleStrategy, StepOutput, Strategy
+from onetrick.models import TrunkHeadNet
+from onetrick.recipe import make_sgd, param_groups
 
 BUCKET_BYTES = 25 * 2**20
 

@@ -42,7 +42,7 @@ Also here, because the parameter server's workers run the same loop: :func:`work
 Testing hooks (environment variables, read by every asynchronous worker; not CLI options):
 ``ONETRICK_ASYNC_DELAY_MS=MAX`` sleeps a random 0..MAX ms before every step;
 ``ONETRICK_ASYNC_FAIL_AT=STEP[:WORKER]`` raises :class:`InjectedFailure` in that worker
-(default 0) at that 0-based step; records.py's ``ONETRICK_CRASH_AT=STEP[:WORKER]`` SIGKILLs it.
+(default 0) at that 0-based step; run/records.py's ``ONETRICK_CRASH_AT=STEP[:WORKER]`` SIGKILLs it.
 """
 from __future__ import annotations
 
@@ -58,18 +58,18 @@ import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from .. import rundir
-from ..config import ConfigError, TrainConfig
-from ..data import DataBundle, build_data
-from ..evaluate import evaluate
-from ..models import input_size
-from ..recipe import schedule_factor, set_lr
-from ..records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, weights_copy
-from ..source import Source
-from ..worker import setup, steps_per_epoch, total_steps, train_batches
-from .async_state import DONE, Board, Saver, attempt_totals, load_latest
-from .runtime import Runtime, WorkerFailure, _threads, under_torchrun
-from .strategy import SingleStrategy, StepOutput, StepStats, Strategy
+from onetrick.config import ConfigError, TrainConfig
+from onetrick.data import DataBundle, build_data
+from onetrick.distributed.runtime import Runtime, WorkerFailure, _threads, under_torchrun
+from onetrick.distributed.strategy import SingleStrategy, StepOutput, StepStats, Strategy
+from onetrick.models import input_size
+from onetrick.recipe import schedule_factor, set_lr
+from onetrick.run import rundir
+from onetrick.run.async_state import DONE, Board, Saver, attempt_totals, load_latest
+from onetrick.run.evaluate import evaluate
+from onetrick.run.records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, weights_copy
+from onetrick.run.source import Source
+from onetrick.run.worker_setup import setup, steps_per_epoch, total_steps, train_batches
 
 DELAY_ENV = "ONETRICK_ASYNC_DELAY_MS"
 FAIL_ENV = "ONETRICK_ASYNC_FAIL_AT"

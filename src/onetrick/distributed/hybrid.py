@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
-from ..models import TrunkHeadNet
-from .cut import split_at_cut
-from .data_parallel import ShardedDataParallel, broadcast_buffers
-from .model_parallel import ShardedHeadStrategy
-from .runtime import Runtime
-from .strategy import StepOutput
-from .tensor_parallel import TAG, all_to_all_rows, gather_rows
+from onetrick.config import TrainConfig
+from onetrick.distributed.cut import split_at_cut
+from onetrick.distributed.data_parallel import ShardedDataParallel, broadcast_buffers
+from onetrick.distributed.model_parallel import ShardedHeadStrategy
+from onetrick.distributed.runtime import Runtime
+from onetrick.distributed.strategy import StepOutput
+from onetrick.distributed.tensor_parallel import TAG, all_to_all_rows, gather_rows
+from onetrick.models import TrunkHeadNet
 
 
 class Hybrid(ShardedHeadStrategy):

@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..config import TrainConfig
-from ..models import TrunkHeadNet
-from ..recipe import make_sgd, param_groups
-from .runtime import Runtime
-from .strategy import StepOutput, Strategy, top_k_classes
-from .tensor_parallel import (
+from onetrick.config import TrainConfig
+from onetrick.distributed.runtime import Runtime
+from onetrick.distributed.strategy import StepOutput, Strategy, top_k_classes
+from onetrick.distributed.tensor_parallel import (
     ShardedHead,
     gather_columns,
     replicated_input,
@@ -27,6 +25,8 @@ from .tensor_parallel import (
     sharded_loss_and_errors,
     sharded_top_classes,
 )
+from onetrick.models import TrunkHeadNet
+from onetrick.recipe import make_sgd, param_groups
 
 
 class ShardedHeadStrategy(Strategy):

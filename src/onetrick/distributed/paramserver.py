@@ -69,26 +69,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import rundir
-from ..config import ConfigError, TrainConfig
-from ..data import DataBundle
-from ..evaluate import evaluate
-from ..recipe import make_sgd, param_groups, schedule_factor, set_lr
-from ..records import RunLog, Totals, restart_count
-from ..source import Source
-from ..worker import setup, steps_per_epoch, total_steps
-from .async_state import attempt_totals, load_latest, resuming
-from .comm import Comm
-from .data_parallel import _Bucket
-from .hogwild import (
-    async_summary,
-    local_config,
-    raise_if_failed,
-    worker_loop,
-)
-from .ps_checkpoint import NOTICE, Checkpointer
-from .runtime import Runtime, launch
-from .strategy import Strategy
+from onetrick.config import ConfigError, TrainConfig
+from onetrick.data import DataBundle
+from onetrick.distributed.comm import Comm
+from onetrick.distributed.data_parallel import _Bucket
+from onetrick.distributed.hogwild import async_summary, local_config, raise_if_failed, worker_loop
+from onetrick.distributed.runtime import Runtime, launch
+from onetrick.distributed.strategy import Strategy
+from onetrick.recipe import make_sgd, param_groups, schedule_factor, set_lr
+from onetrick.run import rundir
+from onetrick.run.async_state import attempt_totals, load_latest, resuming
+from onetrick.run.evaluate import evaluate
+from onetrick.run.ps_checkpoint import NOTICE, Checkpointer
+from onetrick.run.records import RunLog, Totals, restart_count
+from onetrick.run.source import Source
+from onetrick.run.worker_setup import setup, steps_per_epoch, total_steps
 
 PUSH, FETCH, DONE, CKPT = 1, 2, 3, 4
 CONTROL, GRADIENT, REPLY, WEIGHTS = 1, 2, 3, 4   # message channels (torch's integer tags; ps_checkpoint has 5, 6)

@@ -31,8 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.multiprocessing.spawn import ProcessContext
 
-from ..config import TrainConfig
-
+from onetrick.config import TrainConfig
 
 PR_SET_PDEATHSIG = 1        # linux/prctl.h
 SHUTDOWN_GRACE_S = 2        # after a failure, seconds the others get to exit before SIGKILL (elastic's default: 30)

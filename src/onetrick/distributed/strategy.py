@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
-from ..models import TrunkHeadNet
-from ..recipe import lr_scale_factor, model_sgd
-from .comm import Comm
-from .runtime import Runtime
+from onetrick.config import TrainConfig
+from onetrick.distributed.comm import Comm
+from onetrick.distributed.runtime import Runtime
+from onetrick.models import TrunkHeadNet
+from onetrick.recipe import lr_scale_factor, model_sgd
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from ..models.base import ELEMENTWISE, unshardable
-from .comm import Comm
+from onetrick.distributed.comm import Comm
+from onetrick.models.base import ELEMENTWISE, unshardable
 
 TAG = "activations"          # last-conv activations (and their gradients) between workers
 HEAD_TAG = "fc_activations"  # activations exchanged inside the sharded FC head, and the loss

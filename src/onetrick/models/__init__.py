@@ -1,16 +1,16 @@
 """Model zoo: every model is a plain :class:`TrunkHeadNet`."""
 from __future__ import annotations
 
-from .base import ELEMENTWISE, TrunkHeadNet, fc_head, unshardable
-from .split import as_trunk_head
+from onetrick.models.base import ELEMENTWISE, TrunkHeadNet, fc_head, unshardable
+from onetrick.models.split import as_trunk_head
 
 __all__ = ["ELEMENTWISE", "MODELS", "TrunkHeadNet", "as_trunk_head", "build_model", "check_model", "fc_head",
            "input_size", "meta_model", "unshardable"]
 
 
 def _registry():
-    from .alexnet import alexnet, alexnet2012
-    from .smallnet import smallnet
+    from onetrick.models.alexnet import alexnet, alexnet2012
+    from onetrick.models.smallnet import smallnet
 
     return {"alexnet": alexnet, "alexnet2012": alexnet2012, "smallnet": smallnet}
 
@@ -21,7 +21,7 @@ MODELS = ("smallnet", "alexnet", "alexnet2012")
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, dropout: float = 0.5) -> TrunkHeadNet:
     """Build a model by name with its initialisation (deterministic under torch.manual_seed)."""
-    from .vision import PREFIX, torchvision_model
+    from onetrick.models.vision import PREFIX, torchvision_model
 
     if name.startswith(PREFIX):
         return torchvision_model(name[len(PREFIX):], num_classes, in_channels, dropout)
@@ -35,7 +35,7 @@ def meta_model(name: str, num_classes: int, in_channels: int = 3, dropout: float
     """The model on PyTorch's ``meta`` device: shapes and parameter counts, no memory."""
     import torch
 
-    from .vision import PREFIX, meta_torchvision
+    from onetrick.models.vision import PREFIX, meta_torchvision
 
     if name.startswith(PREFIX):
         return meta_torchvision(name[len(PREFIX):], num_classes, in_channels, dropout)
@@ -46,7 +46,7 @@ def meta_model(name: str, num_classes: int, in_channels: int = 3, dropout: float
 def check_model(name: str, image_size: int | None = None) -> None:
     """Raise ValueError (one line) unless ``name`` builds, and runs at ``image_size``
     (torchvision models: checked on the meta device, nothing allocated)."""
-    from .vision import PREFIX, check_torchvision
+    from onetrick.models.vision import PREFIX, check_torchvision
 
     if name.startswith(PREFIX):
         check_torchvision(name[len(PREFIX):], image_size or input_size(name))

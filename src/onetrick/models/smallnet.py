@@ -33,7 +33,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .base import TrunkHeadNet, fc_head
+from onetrick.models.base import TrunkHeadNet, fc_head
 
 __all__ = ["INPUT_SIZE", "smallnet"]
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from .base import TrunkHeadNet
+from onetrick.models.base import TrunkHeadNet
 
 
 def as_trunk_head(model: nn.Module, head: str | None = None) -> TrunkHeadNet:

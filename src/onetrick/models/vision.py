@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .base import ELEMENTWISE, TrunkHeadNet
+from onetrick.models.base import ELEMENTWISE, TrunkHeadNet
 
 PREFIX = "torchvision:"
 #: the constructors' options tried in turn (not every model takes each of them)

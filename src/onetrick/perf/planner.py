@@ -15,17 +15,19 @@ maths, so it keeps only the hybrid's schemes b and c.
 
 :func:`make_plan` takes compute costs and a link from anywhere (tests use FLOP costs);
 :func:`measured_costs` times this machine's layers (cached per model, batch, image size
-and threads); :mod:`~onetrick.perf.probe` measures gloo between K local workers.
+and threads); :mod:`~onetrick.perf.measure.links` measures gloo between K local workers.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .blocks import Block, describe
-from .costmodel import Link, StepResult, Variant, images_per_step, predict
-from .costs import CostProvider, MeasuredCosts
+from onetrick.config import TrainConfig
+from onetrick.perf.predict.blocks import Block, describe
+from onetrick.perf.predict.compute import CostProvider, MeasuredCosts
+from onetrick.perf.predict.step import Link, StepResult, Variant, images_per_step, predict
 
 __all__ = ["Candidate", "Plan", "candidate_variants", "explain", "make_plan", "measured_costs"]
 
@@ -123,7 +125,7 @@ def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link
     """Predict every candidate; choose the fastest (``runnable_only``: of those ``train``
     can run). ``slow`` multiplies compute (K workers sharing cores); ``contention_s`` is added
     to every candidate's step (it cannot change the choice). ``memory(variant, k,
-    batch)`` (a :class:`~onetrick.perf.memory_model.MemoryPrediction` per candidate) and
+    batch)`` (a :class:`~onetrick.perf.predict.memory.MemoryPrediction` per candidate) and
     ``available`` (bytes per worker, from ``available_from``): a candidate whose peak does
     not fit is kept in the table, marked, and never chosen; ValueError (one line) if none fits."""
     one = predict(blocks, costs, Variant("single"), 1, batch)
@@ -143,7 +145,7 @@ def make_plan(blocks: list[Block], costs: CostProvider, k: int, batch: int, link
     found.sort(key=lambda c: (c.result.step_s, c.result.bytes_total))
     pool = [c for c in found if c.runnable and c.fits] if runnable_only else [c for c in found if c.fits]
     if not pool:
-        from .memory import gb
+        from onetrick.perf.measure.memory import gb
 
         least = min(found, key=lambda c: c.memory_bytes)
         raise ValueError(f"no plan fits in the {gb(available)} of memory per worker ({available_from}): the smallest, "
@@ -159,7 +161,7 @@ def _dropped(candidates: list[Candidate], available: int | None, available_from:
     out = [c for c in candidates if not c.fits]
     if not out:
         return ""
-    from .memory import gb
+    from onetrick.perf.measure.memory import gb
 
     named = ", ".join(f"{c.label} needs {gb(c.memory_bytes)}" for c in sorted(out, key=lambda c: c.memory_bytes))
     return f"; dropped, do not fit in memory: {named} per worker, {gb(available)} available ({available_from})"
@@ -201,7 +203,7 @@ def measured_costs(model_name: str, classes: int, channels: int, image: int, bat
     size, batch, threads): every plan asks for its own shapes, each timed once."""
     import torch
 
-    from ..models import build_model
+    from onetrick.models import build_model
 
     key = (model_name, classes, channels, image, batch, threads)
     if key not in _COSTS:
@@ -211,3 +213,38 @@ def measured_costs(model_name: str, classes: int, channels: int, image: int, bat
         _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model,
                                                     overhead_rows=batch))
     return _COSTS[key]
+
+
+def plan_memory(model: str, classes: int, channels: int, image: int, k: int, given_gb: float | None, device: str,
+                cfg: TrainConfig | None = None, run: str = "train", here: bool = False):
+    """The planner's memory check: ``(predict(variant, k, batch), bytes per worker, where
+    that figure comes from)``. Each candidate is predicted as ``train`` would hold it (the
+    model on the meta device, :mod:`onetrick.perf.predict.memory`). The memory per worker is
+    ``--memory-per-worker`` when given, else detected (CPU: available memory / K; a GPU
+    profile planned on this machine has no detected limit). ``run="bench"``: as the bench's
+    steps alone hold it. ``here``: the workers run on this machine (``train --strategy
+    auto``, a bench's validation): a given figure is capped at their share of it."""
+    from onetrick.perf.measure.memory import available_memory
+    from onetrick.perf.predict.activations import net_memory
+    from onetrick.perf.predict.memory import predict_memory
+
+    net = net_memory(model, classes, channels, image, cfg.dropout if cfg else 0.5)
+    extra = ({"precision": cfg.precision, "on_nan": cfg.on_nan, "weight_decay": cfg.weight_decay > 0}
+             if cfg is not None else {})
+
+    def predict(variant, workers, batch):
+        return predict_memory(net, variant, workers, batch, device=device, run=run, **extra)
+
+    if given_gb is None and device != "cpu" and cfg is None:
+        return predict, None, "no limit given"
+    available, source = available_memory(device, k, given_gb=given_gb, here=here)
+    return predict, available, source
+
+
+def time_share(k: int, threads: int, cores: int | None = None) -> float:
+    """K workers of T threads on ``cores`` (default: this machine's): each gets ``cores / (K*T)`` of a core."""
+    return max(1.0, k * threads / (cores or os.cpu_count() or 1))
+
+
+def default_threads(k: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, k))

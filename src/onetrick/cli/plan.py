@@ -1,0 +1,156 @@
+"""``onetrick plan`` and the resolution of ``train --strategy auto`` / ``--scheme auto``.
+
+``onetrick plan --model M --workers K --batch B [--link NAME | measured | MBPS]`` prints every
+candidate of :mod:`onetrick.perf.planner` (predicted step ms, speedup, bytes by tag,
+exposed communication) and the choice with its reason in one line; ``--json`` prints
+the same as one JSON object. ``train --strategy auto`` runs the same planner once
+(:mod:`onetrick.run.auto`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+from onetrick.config import FC_BATCHES, ConfigError
+from onetrick.perf.measure.links import loopback_link, measured_link
+from onetrick.perf.planner import Plan, default_threads, make_plan, measured_costs, plan_memory, time_share
+from onetrick.perf.predict.compute import FlopCosts
+from onetrick.perf.predict.hardware import NAMED_LINKS, PROFILES, link_mbps, named_link
+from onetrick.perf.predict.step import Link
+
+__all__ = ["add_parser", "cmd_plan", "format_plan"]
+
+
+def add_parser(sub) -> None:
+    """Define ``onetrick plan`` on the subparsers ``sub``."""
+    p = sub.add_parser("plan", help="predict every way to parallelise a model at K workers; choose one, say why",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smallnet", help="smallnet | alexnet | alexnet2012 | torchvision:NAME")
+    p.add_argument("--workers", type=int, default=2, help="K")
+    p.add_argument("--batch", type=int, default=32, help="examples per worker per step (B)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    p.add_argument("--classes", type=int, default=None, help="default: 10 for smallnet (digits), 1000 otherwise")
+    p.add_argument("--fc-batch", choices=FC_BATCHES, default="full", help="hybrid FC batch (changes the maths: kept)")
+    p.add_argument("--link", default=None, metavar="NAME|measured|MBPS",
+                   help="the workers' link (per worker, per direction; assumed, not measured): "
+                        + "; ".join(f"{n}: {v['gbps']:g} Gbit/s, {v['latency_us']:g} us per message ({v['note']})"
+                                    for n, v in NAMED_LINKS.items())
+                        + "; measured: gloo between K local CPU workers, probed now (this-cpu, this-device only); "
+                          "a number: Mbit/s. Default: the profile's own link (measured for this-cpu)")
+    p.add_argument("--link-mbps", default=None, help="the same as --link N (Mbit/s) or --link measured")
+    p.add_argument("--collective-us", type=float, default=0.0, help="with a given link: fixed cost per collective")
+    p.add_argument("--profile", choices=sorted(p for p in PROFILES if p != "this-device"), default="this-cpu",
+                   help="this-cpu: layers timed here; else FLOP at a GPU profile's rate")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / K, at least 1)")
+    p.add_argument("--memory-per-worker", type=float, default=None, metavar="GB",
+                   help="memory each worker has (GB); candidates whose predicted peak exceeds it are dropped. Default: "
+                        "this-cpu: this machine's available memory / K; a GPU profile: no limit")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_plan)
+
+
+def _link_choice(link: str | None, mbps: str | None, profile: str) -> str | float:
+    """``--link`` / ``--link-mbps`` -> a name of :data:`NAMED_LINKS`, ``"measured"`` or
+    Mbit/s; by default the profile's own link. ``measured`` probes this machine's loopback
+    between CPU processes, so a GPU profile refuses it (one line, before anything is probed)."""
+    if link is not None and mbps is not None:
+        raise ConfigError("give --link or --link-mbps, not both")
+    if mbps is not None:
+        choice = "measured" if mbps == "measured" else link_mbps(mbps, "measured")
+    elif link is not None:
+        choice = named_link(link, NAMED_LINKS)
+    else:
+        choice = PROFILES[profile]["link"]
+    own = PROFILES[profile]["link"]
+    if choice == "measured" and own != "measured":
+        raise ConfigError(f"--link measured probes this machine's loopback between CPU processes; the {profile} "
+                          f"profile's workers talk over {NAMED_LINKS[own]['note']}: name a link, e.g. --link {own}")
+    return choice
+
+
+def _link(choice: str | float, k: int, collective_us: float, threads: int, this_cpu: bool) -> tuple[Link, dict, dict]:
+    """The link the plan assumes, what was measured of it, and its name. For workers on this
+    machine's CPU the probe also measures what they pay as busy workers and each gloo op's
+    bandwidth, and a given or named bandwidth keeps those terms; for a GPU profile nothing
+    is probed (its link is named or given: :func:`_link_choice`)."""
+    if k == 1 or not this_cpu and choice != "measured":
+        probe = {}
+    else:
+        probe = measured_link(k, threads) if this_cpu else loopback_link(k)
+    if choice == "measured":
+        link = Link.from_measured(probe)
+        return (link if this_cpu else link.idle()), probe, {"name": "measured", "note": probe.get("kind", "one worker")}
+    if isinstance(choice, float):
+        gbps, latency_us, named = choice / 1e3, 0.0, {"name": f"{choice:g} Mbit/s", "note": "given"}
+    else:
+        spec = NAMED_LINKS[choice]
+        gbps, latency_us, named = spec["gbps"], spec["latency_us"], {"name": choice, "note": spec["note"] + ", assumed"}
+    here = dataclasses.replace(Link.from_measured(probe), gbps=gbps, latency_us=latency_us, collective_us=collective_us)
+    kind = "given" if isinstance(choice, float) else f"named: {named['note']}"
+    return here, {"kind": kind, "measured_mbps": gbps * 1e3, "sync_us": here.sync_us,
+                  "overlap_us_per_mb": here.overlap_us_per_mb, "op_factor": here.op_factor,
+                  "large_op_factor": here.large_op_factor}, named
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan, then print the table (or JSON)."""
+    from onetrick.models import check_model, input_size
+
+    try:
+        check_model(args.model, args.image_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.workers < 1 or args.batch < 1:
+        raise ConfigError(f"--workers and --batch must be at least 1 (got {args.workers} and {args.batch})")
+    choice = _link_choice(args.link, args.link_mbps, args.profile)
+    t0 = time.perf_counter()
+    image = args.image_size or input_size(args.model)
+    classes = args.classes or (10 if args.model == "smallnet" else 1000)
+    threads = args.threads or default_threads(args.workers)
+    blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
+    slow = time_share(args.workers, threads)
+    link, probe, named = _link(choice, args.workers, args.collective_us, threads, args.profile == "this-cpu")
+    if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
+        prof = PROFILES[args.profile]
+        costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
+    memory, available, source = plan_memory(args.model, classes, 3, image, args.workers, args.memory_per_worker,
+                                            "cpu" if args.profile == "this-cpu" else "cuda")
+    try:
+        plan = make_plan(blocks, costs, args.workers, args.batch, link, slow, args.fc_batch, memory=memory,
+                         available=available, available_from=source)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
+              "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
+    record["link"] = {**named, **record["link"]}   # the link used: its name, Gbit/s, latency, fixed costs
+    print(json.dumps(record, indent=2) if args.json else format_plan(plan, record))
+    return 0
+
+
+def format_plan(plan: Plan, record: dict) -> str:
+    """The candidates as a Markdown table, fastest first, and the choice in one line."""
+    lk, name = plan.link, record["link"].get("name", "given")
+    head = (f"{record['model']} {record['image_size']}px, {record['classes']} classes, K={plan.k}, B={plan.batch} per "
+            f"worker, {record['threads']} thread(s) per worker, link {name}: "
+            f"{f'{lk.gbps:.4g} Gbit/s' if lk.gbps else 'unlimited'}, {lk.latency_us:g} us per message + "
+            f"{lk.collective_us:.0f} us per collective"
+            + (f" + {lk.sync_us / 1e3:.1f} ms per rendezvous on shared cores" if lk.sync_us else "")
+            + f" ({record['link_probe'].get('kind', 'none')})")
+    lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | "
+                       "memory per worker GB | runnable |",
+             "|---|---:|---:|---:|---|---:|---:|---|"]
+    for c in plan.candidates:
+        r = c.result
+        tags = ", ".join(f"{t} {n / 1e6:.2f}" for t, n in sorted(r.bytes.items()) if n) or "none"
+        mem = "-" if c.memory_bytes is None else f"{c.memory_bytes / 1e9:.2f}" + ("" if c.fits else " (does not fit)")
+        lines.append(f"| {c.label} | {c.batch} | {r.step_s * 1e3:.1f} | {c.speedup:.2f}x | {tags} | "
+                     f"{r.exposed_s * 1e3:.1f} | {mem} | {'yes' if c.runnable else 'planned'} |")
+    if plan.available is not None:
+        lines += ["", f"memory per worker: {plan.available / 1e9:.1f} GB ({plan.available_from}); predicted peaks "
+                      "as `onetrick train` holds them (perf/predict/memory.py)"]
+    lines += ["", f"choice: {plan.reason}", f"(planned in {record['planner_s']:.1f} s)"]
+    return "\n".join(lines)
+
+
