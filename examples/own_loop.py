@@ -6,7 +6,7 @@
 Each worker builds the same plain model, ``onetrick.parallelize`` joins torchrun's
 process group and applies the hybrid (data-parallel trunk, neuron-sharded head), and the
 loop calls the strategy's step API. Worker r reads rows [r*B, (r+1)*B) of each global
-batch of K*B, so K workers at batch B equal one worker at batch K*B (the README's test).
+batch of K*B, so K workers at batch B equal one worker at batch K*B (tests/integration/test_api.py checks it).
 """
 from __future__ import annotations
 

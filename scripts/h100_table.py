@@ -1,10 +1,10 @@
 """Print docs/BENCHMARKS.md's predicted H100 table: DDP and the hybrid at 8 and 64 GPUs
-over the assumed links of ``onetrick.perf.predict.compute.LINKS``, from the ``h100`` profile's
+over the assumed links of ``onetrick.perf.predict.hardware.LINKS``, from the ``h100`` profile's
 measured one-GPU times (fp32 and bf16 compute). Run: PYTHONPATH=src python3 scripts/h100_table.py"""
 from onetrick.perf.predict.blocks import model_blocks
+from onetrick.perf.predict.compute import ScaledCosts
+from onetrick.perf.predict.hardware import LINKS, PROFILES
 from onetrick.perf.predict.step import STRATEGY_VARIANTS, Link, sweep
-from onetrick.perf.predict.compute import LINKS, ScaledCosts
-from onetrick.perf.predict.hardware import PROFILES
 
 LABELS = ("data/ddp", "hybrid/a", "hybrid/b")
 LATENCY_US = {"NVLink": 5.0, "PCIe": 5.0}   # per message; networks: 10 us (assumed)

@@ -341,3 +341,26 @@ def warmup_rates(rt, cfg, steps_per_epoch: int, at: list[int]) -> dict:
         set_lr(strategy.optimizers(), schedule_factor(cfg, step, total), warmup_progress(cfg, step, steps_per_epoch))
         rates[step] = [[(g["name"], g["lr"]) for g in opt.param_groups] for opt in strategy.optimizers()]
     return rates
+
+
+# -- the configurations the equivalence tests run, and their comparison ----------------------
+# HIDDEN: the classifier split by inputs (row-wise); NARROW: split by classes (sharded loss)
+EXACT_SGD = [dict(strategy="model"), dict(strategy="data", sync="ddp"), dict(strategy="data", sync="sharded"),
+             dict(strategy="hybrid", scheme="a"), dict(strategy="hybrid", scheme="b"),
+             dict(strategy="hybrid", scheme="c"), dict(strategy="model", hidden=NARROW),
+             dict(strategy="hybrid", scheme="b", hidden=NARROW), dict(strategy="hybrid", scheme="c", hidden=NARROW)]
+PER_ROUND = [dict(strategy="hybrid", scheme="b", fc_batch="worker"),
+             dict(strategy="hybrid", scheme="c", fc_batch="worker")]
+# --cut: 1 leaves fc7 and a row-wise classifier model-parallel; 2 (the last) the classifier
+# alone, split by classes
+CUT_SGD = [dict(strategy="hybrid", scheme=s, cut=c) for c in (1, 2) for s in ("a", "b", "c")]
+CUT_ROUNDS = [dict(strategy="hybrid", scheme=s, fc_batch="worker", cut=c) for c in (1, 2) for s in ("b", "c")]
+# K=4: fc7's 30 neurons split 8/8/8/6, the 5 classes 2/2/1/0 (worker 3 holds none)
+CUT_K4 = [dict(strategy="hybrid", scheme="c", cut=1), dict(strategy="hybrid", scheme="b", cut=2),
+          dict(strategy="hybrid", scheme="b", fc_batch="worker", cut=1)]
+
+
+def assert_same_weights(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {name}: {m}")

@@ -1,7 +1,7 @@
 """onetrick: train convolutional networks in parallel, the way Krizhevsky's
 "One weird trick for parallelizing convolutional neural networks" does.
 
-The Python API (README, "Python API"): :func:`fit`, :func:`parallelize`, :func:`load`,
+The Python API (docs/usage.md, "Python API"): :func:`fit`, :func:`parallelize`, :func:`load`,
 :class:`TrainConfig`, :class:`TrunkHeadNet`. Imported on first use, so that
 ``import onetrick`` stays light.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["TrainConfig", "TrunkHeadNet", "fit", "load", "parallelize"]
+from onetrick.version import __version__
+
+__all__ = ["__version__", "TrainConfig", "TrunkHeadNet", "fit", "load", "parallelize"]
 
 
 def __getattr__(name: str) -> Any:

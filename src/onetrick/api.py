@@ -63,11 +63,11 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, *, workers: int
         _check_picklable(source)
     from onetrick.run import checkpoint
     from onetrick.run.export import full_state
-    from onetrick.run.train import train
+    from onetrick.run.train import train_validated
 
     if cfg.resume:
         checkpoint.check_compatible(cfg.out, cfg.model)
-    summary = train(cfg, source)
+    summary = train_validated(cfg, source)   # validated once, by _config
     net.load_state_dict(full_state(cfg.out))  # net shares model's modules: model is trained
     return summary
 
@@ -169,7 +169,7 @@ def _config(net: TrunkHeadNet, model_name: str, data_name: str, workers: int, st
     settings = {k: v for k, v in options.items() if k in fields}
     cfg = TrainConfig(model=f"custom:{model_name}", data=f"custom:{data_name}", workers=workers, strategy=strategy,
                       out=Path(out), image_size=image_size, **settings)
-    cfg.validate(builtin=False)
+    cfg.validate()
     problem = unshardable(net.head) if strategy in _SHARDED_HEAD else None
     if problem:
         raise ConfigError(f"strategy {strategy}: {problem}")

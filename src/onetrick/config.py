@@ -87,19 +87,13 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def validate(self, builtin: bool = True) -> TrainConfig:
+    def validate(self) -> TrainConfig:
         """Raise ConfigError on the first invalid option; return self for chaining.
 
-        ``builtin=False``: the model and data are the user's (:func:`onetrick.fit`), so
-        ``model`` and ``data`` are labels and not checked here."""
-        from onetrick.models import check_model
-
-        if builtin:
-            try:
-                check_model(self.model, self.image_size)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-            _check_data_spec(self.data, self.train_examples, self.download)
+        Options only, each on its own and in combination: nothing is built or read here.
+        How they meet the model and the data (``--model``, ``--data``, ``--image-size``,
+        ``--cut``'s range, ``--lr-mult``'s names, the batch against the training set) is
+        checked once per launch, before any worker starts, by ``onetrick.run.preflight``."""
         if self.classes is not None:
             _check(self.classes >= 2, f"--classes must be at least 2 (got {self.classes})")
             kind, _, count = str(self.data).partition(":")
@@ -110,18 +104,7 @@ class TrainConfig:
         _check(self.epochs > 0, f"--epochs must be positive (got {self.epochs})")
         _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number (got {self.lr})")
         _check(math.isfinite(self.epochs), f"--epochs must be finite (got {self.epochs})")
-        _check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1) (got {self.momentum})")
-        _check(0.0 <= self.weight_decay < 1.0, f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
-        _check(0.0 <= self.bias_lr_mult <= 1e3, f"--bias-lr-mult must be in [0, 1000] (got {self.bias_lr_mult})")
-        _check(all(0.0 < d < 1.0 for d in self.lr_drops), f"--lr-drops must be fractions of training in (0, 1) (got {_csv(self.lr_drops)})")
-        _check(list(self.lr_drops) == sorted(self.lr_drops), f"--lr-drops must be increasing (got {_csv(self.lr_drops)})")
-        _check(0.0 < self.lr_drop_factor <= 1.0, f"--lr-drop-factor must be in (0, 1] (got {self.lr_drop_factor})")
-        _check(0.0 <= self.warmup_epochs < math.inf, f"--warmup-epochs must be a number of epochs >= 0 (got {self.warmup_epochs})")
-        _check(self.steps is not None or self.warmup_epochs <= self.epochs,
-               f"--warmup-epochs {self.warmup_epochs:g} is longer than the run (--epochs {self.epochs:g})")
-        _check(self.warmup_epochs == 0 or self.lr_scale != "none",
-               "--warmup-epochs needs --lr-scale linear or sqrt: it warms from the one-worker rate to the scaled one, "
-               "and with --lr-scale none they are the same")
+        self._validate_recipe()
         _check(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32) (got {self.seed})")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})")
         _check(self.memory_per_worker is None or 0 < self.memory_per_worker < math.inf,
@@ -139,25 +122,52 @@ class TrainConfig:
         _check(self.push_every >= 1, f"--push-every must be at least 1 (got {self.push_every})")
         if self.image_size is not None:
             _check(8 <= self.image_size <= 4096, f"--image-size must be in [8, 4096] (got {self.image_size})")
-        _check(self.workers >= 1, f"--workers must be at least 1 (got {self.workers})")
-        _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        _check(self.sync in DATA_PARALLEL_SYNCS, f"unknown --sync {self.sync!r}; choose ddp or sharded")
-        _check(self.lr_scale in LR_SCALES, f"unknown --lr-scale {self.lr_scale!r}; choose none, linear or sqrt")
-        _check(self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-        _check(self.device in DEVICES, f"unknown --device {self.device!r}; choose cpu or cuda")
-        self._validate_precision()
-        _check(self.fc_batch in FC_BATCHES, f"unknown --fc-batch {self.fc_batch!r}; choose full or worker")
         _check(self.on_nan in ("stop", "skip"), f"unknown --on-nan {self.on_nan!r}; choose stop or skip")
         _check(self.eval_views in (1, 10), f"--eval-views must be 1 or 10 (got {self.eval_views})")
         _check(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1) (got {self.dropout})")
+        self.validate_parallelism()
+        _check(not (self.resume and self.overwrite), "--resume continues the run in --out, --overwrite removes it: give one")
+        if self.resume and self.out is not None:
+            _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
+        return self
+
+    def _validate_recipe(self) -> None:
+        """The learning rule: momentum, weight decay, multipliers, schedule, warm-up."""
+        _check(0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1) (got {self.momentum})")
+        _check(0.0 <= self.weight_decay < 1.0, f"--weight-decay must be in [0, 1) (got {self.weight_decay})")
+        _check(0.0 <= self.bias_lr_mult <= 1e3, f"--bias-lr-mult must be in [0, 1000] (got {self.bias_lr_mult})")
         for item in self.lr_mult:
             glob, _, value = item.partition("=")
             _check(bool(glob) and _is_float(value), f"--lr-mult expects GLOB=NUMBER (got {item!r})")
             _check(0.0 <= float(value) < math.inf, f"--lr-mult needs a multiplier >= 0 (got {item!r})")
+        _check(self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        _check(all(0.0 < d < 1.0 for d in self.lr_drops), f"--lr-drops must be fractions of training in (0, 1) (got {_csv(self.lr_drops)})")
+        _check(list(self.lr_drops) == sorted(self.lr_drops), f"--lr-drops must be increasing (got {_csv(self.lr_drops)})")
+        _check(0.0 < self.lr_drop_factor <= 1.0, f"--lr-drop-factor must be in (0, 1] (got {self.lr_drop_factor})")
+        _check(self.lr_scale in LR_SCALES, f"unknown --lr-scale {self.lr_scale!r}; choose none, linear or sqrt")
+        _check(0.0 <= self.warmup_epochs < math.inf, f"--warmup-epochs must be a number of epochs >= 0 (got {self.warmup_epochs})")
+        _check(self.steps is not None or self.warmup_epochs <= self.epochs,
+               f"--warmup-epochs {self.warmup_epochs:g} is longer than the run (--epochs {self.epochs:g})")
+        _check(self.warmup_epochs == 0 or self.lr_scale != "none",
+               "--warmup-epochs needs --lr-scale linear or sqrt: it warms from the one-worker rate to the scaled one, "
+               "and with --lr-scale none they are the same")
+
+    def validate_parallelism(self) -> TrainConfig:
+        """How the work is split (workers, strategy, sync, scheme, cut, fc batch, device,
+        precision); part of :meth:`validate`, and all that the planner's choice for
+        ``--strategy``/``--scheme auto`` (``run/auto.py``) changes, so checked alone there."""
+        _check(self.workers >= 1, f"--workers must be at least 1 (got {self.workers})")
+        _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        _check(self.sync in DATA_PARALLEL_SYNCS, f"unknown --sync {self.sync!r}; choose ddp or sharded")
+        _check(self.device in DEVICES, f"unknown --device {self.device!r}; choose cpu or cuda")
+        self._validate_precision()
+        _check(self.fc_batch in FC_BATCHES, f"unknown --fc-batch {self.fc_batch!r}; choose full or worker")
         if self.scheme is not None:
             _check(self.strategy == "hybrid", f"--scheme {self.scheme} needs --strategy hybrid (got --strategy {self.strategy})")
             _check(self.scheme in SCHEMES, f"unknown --scheme {self.scheme!r}; choose a, b, c or auto")
-        self._validate_cut(builtin)
+        if self.cut != 0:   # its range needs the model's head: run.preflight.check_cut
+            _check(self.cut > 0, f"--cut must be at least 0 (got {self.cut})")
+            _check(self.strategy in ("hybrid", "auto"), f"--cut {self.cut} needs --strategy hybrid (got --strategy {self.strategy})")
         if self.fc_batch == "worker":
             _check(self.strategy in ("hybrid", "auto"), "--fc-batch worker needs --strategy hybrid (or auto)")
             _check(self.scheme != "a", "--fc-batch worker needs --scheme b or c: scheme a runs the FC layers once on all K*B examples")
@@ -172,9 +182,6 @@ class TrainConfig:
             if self.strategy not in ("single", "hogwild"):
                 _check(self.workers <= torch.cuda.device_count() or "LOCAL_RANK" in os.environ,
                        f"--workers {self.workers} exceeds the {torch.cuda.device_count()} GPUs on this machine")
-        _check(not (self.resume and self.overwrite), "--resume continues the run in --out, --overwrite removes it: give one")
-        if self.resume and self.out is not None:
-            _check(Path(self.out).exists(), f"--resume given but run directory {self.out} does not exist")
         return self
 
     def _validate_precision(self) -> None:
@@ -193,24 +200,6 @@ class TrainConfig:
             else:
                 _check(torch.amp.is_autocast_available("cpu"), "--precision bf16: this torch has no CPU autocast")
 
-    def _validate_cut(self, builtin: bool) -> None:
-        if self.cut == 0:
-            return
-        _check(self.cut > 0, f"--cut must be at least 0 (got {self.cut})")
-        _check(self.strategy in ("hybrid", "auto"), f"--cut {self.cut} needs --strategy hybrid (got --strategy {self.strategy})")
-        if not builtin:  # the user's own head: distributed.cut.split_at_cut checks it
-            return
-        import torch
-        from torch import nn
-
-        from onetrick.models import build_model
-
-        with torch.device("meta"):
-            head = build_model(self.model, 10, 3).head
-        linear = sum(isinstance(m, nn.Linear) for m in head)
-        _check(self.cut < linear, f"--cut {self.cut} must be below the {linear} fully-connected layers of {self.model} "
-                                  f"(0..{linear - 1}; {linear} would be data parallelism: --strategy data)")
-
     @property
     def data_parallel_degree(self) -> int:
         """How many workers read different examples (the K in the global batch K*B)."""
@@ -220,17 +209,6 @@ class TrainConfig:
     def process_count(self) -> int:
         """Processes the launcher starts: workers, plus parameter servers."""
         return self.workers + (self.servers if self.strategy == "paramserver" else 0)
-
-
-def _check_data_spec(spec: str, train_examples: int | None, download: bool) -> None:
-    """--data, --train-examples and --download, checked (and the download done, once) in
-    the launching process: a missing file fails here, not in K workers."""
-    from onetrick.data import DataError, check_spec
-
-    try:
-        check_spec(spec, train_examples, download)
-    except DataError as err:
-        raise ConfigError(str(err)) from None
 
 
 def _check(ok: bool, message: str) -> None:

@@ -11,6 +11,8 @@ import pytest
 
 ONE_CLASS = "imagefolder:{tmp}/oneclass"
 TINY = "imagefolder:{tmp}/tiny"
+EMPTY_TRAIN_CLASS = "imagefolder:{tmp}/emptytrain"
+EMPTY_VAL_CLASS = "imagefolder:{tmp}/emptyval"
 
 BAD_TRAIN_INPUT = [
     # what to train
@@ -24,6 +26,8 @@ BAD_TRAIN_INPUT = [
     (["--data", "synthetic:100000000"], "GB per worker (predicted peak, at"),
     (["--data", ONE_CLASS], "has 1 class; a classifier needs at least 2"),
     (["--data", TINY, "--batch", "16"], "a step needs 16 training examples but"),
+    (["--data", EMPTY_TRAIN_CLASS], "no images in class folder {tmp}/emptytrain/train/dog: add some"),
+    (["--data", EMPTY_VAL_CLASS], "no images in class folder {tmp}/emptyval/val/dog: add some"),
     (["--image-size", "4"], "--image-size must be in [8, 4096]"),
     (["--image-size", "100000"], "--image-size must be in [8, 4096]"),
     (["--image-size", "8"], "--image-size 8 does not fit model 'smallnet'"),
@@ -91,6 +95,7 @@ BAD_TRAIN_INPUT = [
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--threads", "-4"], "--threads must be at least 1"),
+    (["--threads", "100000"], "--threads 100000 is far beyond this machine's"),
     (["--timeout", "0"], "--timeout must be a positive number of seconds"),
     (["--timeout", "-5"], "--timeout must be a positive number of seconds"),
     (["--timeout", "nan"], "--timeout must be a positive number of seconds"),
@@ -113,17 +118,20 @@ BAD_TRAIN_INPUT = [
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    """A file where a directory is expected, an image folder with one class, and one
-    with two classes of one image each."""
+    """A file where a directory is expected, an image folder with one class, one with
+    two classes of one image each, and two where the class dog has no image in train/
+    (a file that is not an image instead) or in val/."""
     from PIL import Image
 
     (tmp_path / "a_file").write_text("not a directory")
-    for root, classes in (("oneclass", ["cat"]), ("tiny", ["cat", "dog"])):
+    for root in ("oneclass", "tiny", "emptytrain", "emptyval"):
         for split in ("train", "val"):
-            for c in classes:
+            for c in ["cat"] if root == "oneclass" else ["cat", "dog"]:
                 folder = tmp_path / root / split / c
                 folder.mkdir(parents=True)
                 Image.new("RGB", (40, 40), color=(len(c) * 40, 0, 0)).save(folder / "0.png")
+    (tmp_path / "emptytrain" / "train" / "dog" / "0.png").rename(tmp_path / "emptytrain" / "train" / "dog" / "notes.txt")
+    (tmp_path / "emptyval" / "val" / "dog" / "0.png").unlink()
     return tmp_path
 
 
@@ -134,8 +142,8 @@ def test_the_table_is_long_enough():
 @pytest.mark.parametrize("args,message", BAD_TRAIN_INPUT, ids=[" ".join(a) for a, _ in BAD_TRAIN_INPUT])
 def test_bad_train_input_is_one_line_before_any_worker(args, message, files, capsys, monkeypatch):
     from onetrick.cli import main as cli
-    from onetrick.run import train
     from onetrick.distributed import runtime
+    from onetrick.run import train
 
     def no_launch(*a, **k):
         pytest.fail("a worker was launched")

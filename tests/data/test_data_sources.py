@@ -18,6 +18,7 @@ from onetrick.config import ConfigError, TrainConfig
 from onetrick.data import DataError, build_data, check_spec
 from onetrick.data.fashion_mnist import DEBIAN_DIR, FILES
 from onetrick.data.transforms import stratified_indices
+from onetrick.run.description import check_model_and_data
 
 HAVE_FASHION = all((DEBIAN_DIR / f"{name}.gz").is_file() or (DEBIAN_DIR / name).is_file() for name in FILES)
 needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason=f"Fashion-MNIST not installed in {DEBIAN_DIR} "
@@ -212,7 +213,7 @@ def test_train_examples_subset(tmp_path):
 ])
 def test_bad_data_options_fail_validation(changes, message):
     with pytest.raises(ConfigError, match=message.replace("-", r"\-")) as info:
-        TrainConfig(**changes).validate()
+        check_model_and_data(TrainConfig(**changes).validate())
     assert "\n" not in str(info.value)
 
 
@@ -256,7 +257,7 @@ def test_download_goes_through_torchvision_once_and_fails_in_one_line(tmp_path, 
             _write_fashion(tmp_path / "fm" / "FashionMNIST" / "raw", gz=False)
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Downloads)
-    TrainConfig(data=f"fashion-mnist:{tmp_path / 'fm'}", download=True).validate()
+    check_model_and_data(TrainConfig(data=f"fashion-mnist:{tmp_path / 'fm'}", download=True).validate())
     assert calls == [(str(tmp_path / "fm"), True)]
     assert len(build_data(f"fashion-mnist:{tmp_path / 'fm'}", image_size=32).train) == 30
 
@@ -266,5 +267,5 @@ def test_download_goes_through_torchvision_once_and_fails_in_one_line(tmp_path, 
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
     with pytest.raises(ConfigError, match="Fashion-MNIST download into .* failed: Error downloading") as info:
-        TrainConfig(data=f"fashion-mnist:{tmp_path / 'other'}", download=True).validate()
+        check_model_and_data(TrainConfig(data=f"fashion-mnist:{tmp_path / 'other'}", download=True).validate())
     assert "\n" not in str(info.value)

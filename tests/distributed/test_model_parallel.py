@@ -15,9 +15,9 @@ from worker_functions import (
     one_step_bytes,
     sharded_loss_and_grads,
     sharded_top_classes_of,
+    tiny_model,
     two_tower_batches,
     two_tower_steps,
-    tiny_model,
 )
 
 

@@ -1,8 +1,8 @@
 """Asynchronous data parallelism: Hogwild on shared memory, Downpour SGD on a sharded
 parameter server (issue 6). Real processes; every test has a hard timeout.
 
-The small network on the bundled digits throughout (the strategies build their models
-by name); runs are kept to a few seconds of training except the two convergence tests
+The small network on the bundled digits throughout (synthetic data where ``--classes``
+is tested; the strategies build their models by name); runs are kept to a few seconds of training except the two convergence tests
 (marked slow: ``-m "not slow"`` skips them).
 """
 import json
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from onetrick.config import TrainConfig
-from onetrick.distributed.hogwild import train_hogwild
-from onetrick.distributed.paramserver import train_paramserver
 from onetrick.distributed.runtime import WorkerFailure
+from onetrick.run.checkpoint import latest_meta
 from onetrick.run.export import full_state
+from onetrick.run.hogwild import train_hogwild
+from onetrick.run.paramserver import train_paramserver
 from onetrick.run.train import train
 
 
@@ -54,7 +55,7 @@ def test_every_pushed_gradient_is_applied_once_under_random_delays_and_a_failing
     monkeypatch.setenv("ONETRICK_ASYNC_DELAY_MS", "40")
     monkeypatch.setenv("ONETRICK_ASYNC_FAIL_AT", "3:2")
     cfg = config(tmp_path, strategy="paramserver", workers=3, servers=2, steps=8, batch=8, fetch_every=3, push_every=2)
-    with pytest.raises(WorkerFailure, match=r"worker 2: InjectedFailure: injected failure at step 3; the other workers finished"):
+    with pytest.raises(WorkerFailure, match=r"worker 2: InjectedFailure: injected failure at step 3; 2 of 3 workers finished"):
         train_paramserver(cfg)
     summary = summary_of(tmp_path)
     assert summary["worker_steps"] == [8, 8, 3]
@@ -72,6 +73,20 @@ def test_hogwild_worker_killed_does_not_stop_the_others(tmp_path, monkeypatch):
     summary = summary_of(tmp_path)
     assert summary["worker_steps"] == [8] and summary["failed_workers"] == ["worker 1: killed by signal 9"]
     assert summary["top1_error"] is not None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("strategy, extra", [("hogwild", {}), ("paramserver", {"servers": 1})], ids=["hogwild", "paramserver"])
+def test_classes_sets_the_head_and_the_labels_every_worker_draws(tmp_path, strategy, extra):
+    """``--classes 7`` on synthetic data: every worker draws labels from 7 classes (a label
+    of 7 or more would fail its cross-entropy step against the 7-wide head: Hogwild's
+    workers once built their data without ``classes`` and drew 1000-class labels)."""
+    summary = train(config(tmp_path, strategy=strategy, workers=2, data="synthetic", classes=7, steps=3, batch=8,
+                           **extra))
+    assert summary["failed_workers"] == [] and summary["worker_steps"] == [3, 3]
+    assert summary["config"]["classes"] == 7
+    assert full_state(tmp_path)["head.6.weight"].shape[0] == 7
+    assert latest_meta(tmp_path)["num_classes"] == 7
 
 
 # Asynchrony acts as extra momentum (Mitliagkas et al. 2016, "Asynchrony begets momentum"):

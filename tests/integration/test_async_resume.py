@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from onetrick.run import checkpoint
-from onetrick.run.checkpoint import CheckpointError
 from onetrick.config import TrainConfig
-from onetrick.run.async_state import Board
-from onetrick.distributed.hogwild import _resume
+from onetrick.distributed.hogwild import Board
 from onetrick.distributed.runtime import WorkerFailure
 from onetrick.models import build_model
+from onetrick.run import checkpoint
+from onetrick.run.checkpoint import CheckpointError
+from onetrick.run.hogwild import _resume
 from onetrick.run.train import train
 
 

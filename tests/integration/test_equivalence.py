@@ -4,32 +4,23 @@ One launch per worker count runs all strategies on the same batches; the referen
 are plain single-process PyTorch written in ``worker_functions.py``.
 """
 import pytest
-import torch
 
 from onetrick.distributed.runtime import launch
-from worker_functions import HIDDEN, NARROW, base_config, reference_rounds, reference_sgd, run_strategies
+from worker_functions import (
+    CUT_K4,
+    CUT_ROUNDS,
+    CUT_SGD,
+    EXACT_SGD,
+    HIDDEN,
+    PER_ROUND,
+    assert_same_weights,
+    base_config,
+    reference_rounds,
+    reference_sgd,
+    run_strategies,
+)
 
 STEPS, B = 3, 8
-# HIDDEN: the classifier split by inputs (row-wise); NARROW: split by classes (sharded loss)
-EXACT_SGD = [dict(strategy="model"), dict(strategy="data", sync="ddp"), dict(strategy="data", sync="sharded"),
-             dict(strategy="hybrid", scheme="a"), dict(strategy="hybrid", scheme="b"),
-             dict(strategy="hybrid", scheme="c"), dict(strategy="model", hidden=NARROW),
-             dict(strategy="hybrid", scheme="b", hidden=NARROW), dict(strategy="hybrid", scheme="c", hidden=NARROW)]
-PER_ROUND = [dict(strategy="hybrid", scheme="b", fc_batch="worker"),
-             dict(strategy="hybrid", scheme="c", fc_batch="worker")]
-# --cut: 1 leaves fc7 and a row-wise classifier model-parallel; 2 (the last) the classifier
-# alone, split by classes
-CUT_SGD = [dict(strategy="hybrid", scheme=s, cut=c) for c in (1, 2) for s in ("a", "b", "c")]
-CUT_ROUNDS = [dict(strategy="hybrid", scheme=s, fc_batch="worker", cut=c) for c in (1, 2) for s in ("b", "c")]
-# K=4: fc7's 30 neurons split 8/8/8/6, the 5 classes 2/2/1/0 (worker 3 holds none)
-CUT_K4 = [dict(strategy="hybrid", scheme="c", cut=1), dict(strategy="hybrid", scheme="b", cut=2),
-          dict(strategy="hybrid", scheme="b", fc_batch="worker", cut=1)]
-
-
-def assert_same_weights(got: dict, want: dict, what: str) -> None:
-    assert got.keys() == want.keys(), what
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{what}: {name}: {m}")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda k: f"K={k}")

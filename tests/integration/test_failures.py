@@ -3,6 +3,7 @@ the traceback kept in the run directory, no hang, no orphaned worker."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,3 +117,32 @@ def test_a_stopped_heartbeat_has_left_the_store_before_the_worker_exits():
     beat.stop()
     assert not beat._thread.is_alive()
     assert int(store.get("0")) >= 1   # it did beat while running
+
+
+RESTARTED = [*TWO, "--steps", "12", "--ckpt-every", "4", "--eval-every", "100"]
+
+
+@pytest.mark.timeout(300)
+def test_a_restart_says_which_worker_died_and_the_step_it_resumes_from(tmp_path):
+    """Worker 1 is SIGKILLed after step 6 (checkpoint at 4): one line says so, the job goes on."""
+    result = onetrick("train", *RESTARTED, "--max-restarts", "2", "--out", tmp_path, timeout=280,
+                      env={"ONETRICK_CRASH_AT": "6:1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = _errors(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert re.fullmatch(r"onetrick: worker 1 failed: Signal 9 \(SIGKILL\) received by PID \d+; restart 1 of 2 from step 4",
+                        lines[0]), lines
+
+
+@pytest.mark.timeout(300)
+def test_running_out_of_restarts_says_so(tmp_path):
+    """A failure that every attempt meets: the restart is said, then the error says that
+    --max-restarts ran out."""
+    result = onetrick("train", *TWO, "--lr", "1e6", "--steps", "40", "--max-restarts", "1", "--out", tmp_path,
+                      timeout=280)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = _errors(result.stderr)
+    assert len(lines) == 2, result.stderr[-3000:]
+    assert lines[0].startswith("onetrick: worker ") and "; restart 1 of 1 from step 0" in lines[0], lines
+    assert lines[1].startswith("onetrick: error: worker ") and "non-finite loss" in lines[1], lines
+    assert "after 1 restart (--max-restarts 1)" in lines[1], lines

@@ -270,10 +270,10 @@ def test_as_trunk_head_refuses_in_one_line(model, head, message):
 
 def test_sharded_head_without_bias_equals_the_dense_head():
     """One worker's ShardedHead (Comm() alone: K=1) on a bias-free head: same logits, names."""
+    import torch.distributed as dist
+
     from onetrick.distributed.comm import Comm
     from onetrick.distributed.tensor_parallel import ShardedHead
-
-    import torch.distributed as dist
 
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(6, 5, bias=False), nn.GELU(), nn.Linear(5, 3, bias=False))
@@ -325,7 +325,8 @@ def test_torchvision_models_split_at_features_and_classifier(name):
 ])
 def test_bad_model_names_get_one_line(spec, size, message):
     from onetrick.config import ConfigError, TrainConfig
+    from onetrick.run.description import check_model_and_data
 
     with pytest.raises(ConfigError, match=message) as err:
-        TrainConfig(model=spec, image_size=size).validate()
+        check_model_and_data(TrainConfig(model=spec, image_size=size).validate())
     assert "\n" not in str(err.value)

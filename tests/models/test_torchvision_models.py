@@ -63,12 +63,14 @@ def test_classes_sets_the_classifier_width_on_the_meta_device():
     ("torchvision:resnet18", {"classes": 7, "data": "synthetic:8"}, "--classes 7 contradicts --data synthetic:8"),
 ])
 def test_bad_models_and_classes_get_one_line(spec, changes, message):
+    from onetrick.run.description import check_model_and_data
+
     cfg = TrainConfig(model=spec, **changes)
     if message is None:
-        cfg.validate()
+        check_model_and_data(cfg.validate())
         return
     with pytest.raises(ConfigError, match=message) as err:
-        cfg.validate()
+        check_model_and_data(cfg.validate())
     assert "\n" not in str(err.value)
 
 
@@ -91,8 +93,7 @@ def test_resnet18_data_and_hybrid_equal_one_process():
     data parallelism is per-worker batch statistics, and this reference is that maths
     written out. Model parallelism (every worker the same 8 rows) equals the plain
     one-process step. Running statistics are compared too."""
-    from test_equivalence import assert_same_weights
-    from worker_functions import base_config, torchvision_reference, torchvision_steps
+    from worker_functions import assert_same_weights, base_config, torchvision_reference, torchvision_steps
 
     data_runs = [dict(strategy="data", sync="ddp"), dict(strategy="data", sync="sharded"),
                  dict(strategy="hybrid", scheme="b"), dict(strategy="hybrid", scheme="a")]

@@ -18,12 +18,13 @@ from onetrick.config import TrainConfig
 from onetrick.distributed import parallelize
 from onetrick.distributed.runtime import launch
 from onetrick.models import TrunkHeadNet, fc_head
-from onetrick.perf.predict.blocks import describe, model_blocks
-from onetrick.perf.predict.step import STRATEGY_VARIANTS, Link, Variant, predict, step_bytes
-from onetrick.perf.predict.compute import FlopCosts, ZeroCosts
+from onetrick.perf.bench.jobs import expand_jobs
 from onetrick.perf.bench.netns import NetnsError, ShapedNetwork, netns_available
 from onetrick.perf.bench.report import COLUMNS
-from onetrick.perf.bench.runner import expand_jobs, resolve_link
+from onetrick.perf.bench.runner import resolve_link
+from onetrick.perf.predict.blocks import describe, model_blocks
+from onetrick.perf.predict.compute import FlopCosts, ZeroCosts
+from onetrick.perf.predict.step import STRATEGY_VARIANTS, Link, Variant, predict, step_bytes
 
 B, IMAGE = 8, 16
 VARIANTS = [v for v in STRATEGY_VARIANTS if v.strategy != "single"]
@@ -265,8 +266,8 @@ def test_the_bucketed_strategies_pay_for_copying_gradients_into_their_buckets():
     gradients; the sharded update copies them into its flat buckets once (the trunk's
     alone in the hybrid); model parallelism has no buckets. The copy is timed once on this
     machine (MeasuredCosts), at memory bandwidth on a profile (FlopCosts)."""
+    from onetrick.perf.measure.block_times import MeasuredCosts
     from onetrick.perf.predict.blocks import param_sizes
-    from onetrick.perf.predict.compute import MeasuredCosts
 
     blocks = describe(tiny(), IMAGE)
     costs, free = FlopCosts(blocks, 1e9, 1.0, 10.0), FlopCosts(blocks, 1e9, 1.0, 10.0)
@@ -325,7 +326,7 @@ def test_the_busy_worker_probes_measure_something_plausible():
     """Two threads with gloo groups of their own: a blocking 256 KB all-reduce among busy
     workers costs something and less than a second; an overlapped 8 MB all-reduce costs
     the compute beside it under 0.1 s per MB."""
-    from onetrick.perf.measure.links import busy_sync_us, measured_link, overlap_us_per_mb
+    from onetrick.perf.measure.shared_host import busy_sync_us, measured_link, overlap_us_per_mb
 
     assert 0.0 <= busy_sync_us(2, count=4, repeats=1) < 1e6
     assert 0.0 <= overlap_us_per_mb(2, count=4, repeats=1) < 1e5

@@ -9,7 +9,7 @@ import pytest
 
 from onetrick.cli import main as cli
 from onetrick.cli import plan as plan_mod
-from onetrick.perf.measure import links as probe
+from onetrick.perf.measure import links, shared_host
 from onetrick.perf.predict.hardware import NAMED_LINKS, PROFILES
 
 ALEXNET_H100 = ["plan", "--model", "alexnet", "--workers", "8", "--batch", "128", "--profile", "h100"]
@@ -20,8 +20,9 @@ def no_probe(monkeypatch):
     """Any loopback probe fails the test."""
     def boom(*args, **kwargs):
         raise AssertionError("a GPU profile probed this machine's loopback")
-    for mod in (plan_mod, probe):
+    for mod in (plan_mod, links, shared_host):
         monkeypatch.setattr(mod, "loopback_link", boom)
+    for mod in (plan_mod, shared_host):
         monkeypatch.setattr(mod, "measured_link", boom)
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import FAST, onetrick
-from worker_functions import base_config, head_devices
 
+from cli_helpers import FAST, onetrick
 from onetrick.config import TrainConfig
 from onetrick.distributed.runtime import launch
-from onetrick.perf.predict.step import Variant
-from onetrick.perf.predict.memory import PARAM_BYTES, predict_for_config, predict_memory
 from onetrick.perf.predict.activations import net_memory
+from onetrick.perf.predict.memory import PARAM_BYTES, predict_for_config, predict_memory
+from onetrick.perf.predict.step import Variant
+from worker_functions import base_config, head_devices
 
 RESNET = ["--model", "torchvision:resnet18", "--image-size", "32"]
 TRUNK_PARAMS = 11_176_512          # resnet18 without its fc (11,689,512 - 513,000)
@@ -75,9 +75,9 @@ def test_train_refuses_a_run_that_cannot_fit_before_any_worker_starts(tmp_path, 
     gradient, momentum, DDP's buckets) per worker: refused in one line naming the figures;
     the hybrid at the same K and memory passes the check."""
     from onetrick.cli import main as cli
-    from onetrick.run import preflight, train
-    from onetrick.data import build_data
     from onetrick.distributed import runtime
+    from onetrick.run import preflight, train
+    from onetrick.run.description import describe
 
     def no_launch(*a, **k):
         pytest.fail("a worker was launched")
@@ -93,7 +93,7 @@ def test_train_refuses_a_run_that_cannot_fit_before_any_worker_starts(tmp_path, 
     assert "--strategy hybrid or model" in lines[0] and not (tmp_path / "run").exists()
     hybrid = TrainConfig(model="torchvision:resnet18", image_size=32, data="synthetic:1000000", workers=4, batch=16,
                          strategy="hybrid", scheme="b", memory_per_worker=7).validate()
-    preflight.check_memory(hybrid, build_data(hybrid.data, 32))   # fits: no error
+    preflight.check_memory(hybrid, describe(hybrid))   # fits: no error
 
 
 def test_a_given_memory_per_worker_is_capped_at_this_machines_share_where_the_workers_run_here(monkeypatch):

@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
-from cli_helpers import FAST, onetrick
-from test_equivalence import CUT_ROUNDS, CUT_SGD, EXACT_SGD, PER_ROUND
 from torch import nn
 
+from cli_helpers import FAST, onetrick
 from onetrick.config import ConfigError, TrainConfig
 from onetrick.models import TrunkHeadNet, build_model, fc_head
-from onetrick.perf.predict.blocks import describe, model_blocks
-from onetrick.perf.predict.step import Link, Variant, predict
-from onetrick.perf.predict.hardware import PROFILES
-from onetrick.perf.predict.compute import FlopCosts, ZeroCosts
 from onetrick.perf.planner import candidate_variants, make_plan
+from onetrick.perf.predict.blocks import describe, model_blocks
+from onetrick.perf.predict.compute import FlopCosts, ZeroCosts
+from onetrick.perf.predict.hardware import PROFILES
+from onetrick.perf.predict.step import Link, Variant, predict
+from worker_functions import CUT_ROUNDS, CUT_SGD, EXACT_SGD, PER_ROUND
 
 TITAN = PROFILES["gtx-titan"]
 LINKS = [Link(gbps=48, latency_us=10), Link(gbps=3.2, collective_us=300)]
@@ -84,13 +84,19 @@ def test_every_runnable_plan_is_one_the_equivalence_tests_prove(k, fc_batch):
 
 
 def test_cut_options_are_checked_in_one_line():
-    TrainConfig(strategy="hybrid", workers=2, cut=0).validate()
-    TrainConfig(strategy="hybrid", workers=2, cut=2).validate()   # the classifier alone model-parallel: runs
+    from onetrick.run.description import describe as describe_run
+    from onetrick.run.preflight import check_cut
+
+    def check(cfg: TrainConfig) -> None:   # the options, then the range against the model's head
+        check_cut(cfg.validate(), describe_run(cfg))
+
+    check(TrainConfig(strategy="hybrid", workers=2, cut=0))
+    check(TrainConfig(strategy="hybrid", workers=2, cut=2))   # the classifier alone model-parallel: runs
     for cfg, msg in [(dict(strategy="hybrid", cut=3), "--cut 3 must be below the 3 fully-connected layers"),
                      (dict(strategy="hybrid", cut=-1), "--cut must be at least 0"),
                      (dict(strategy="data", cut=1), "--cut 1 needs --strategy hybrid")]:
         with pytest.raises(ConfigError, match=msg):
-            TrainConfig(workers=2, **cfg).validate()
+            check(TrainConfig(workers=2, **cfg))
 
 
 @pytest.mark.timeout(120)

@@ -77,17 +77,20 @@ def test_without_out_each_run_gets_a_fresh_directory_and_runs_latest_follows(tmp
 
 
 @pytest.mark.timeout(300)
-def test_truncated_checkpoint_is_set_aside_and_the_records_stay_true(tmp_path):
-    """Resume after the newest checkpoint was cut short: it becomes step_N.corrupt, the run
-    continues from the one before, metrics.jsonl holds each step once, summary.json
-    counts the whole run."""
+def test_truncated_checkpoint_is_skipped_and_the_records_stay_true(tmp_path):
+    """Resume after the newest checkpoint was cut short: the run says so in one line and
+    continues from the one before (nothing renamed: the run writes step 12 anew on its
+    way), metrics.jsonl holds each step once, summary.json counts the whole run."""
     args = ["--ckpt-every", "4", "--log-every", "2", "--out", tmp_path, *QUICK]
     assert onetrick("train", "--steps", "12", *args).returncode == 0
     for f in (tmp_path / "checkpoints" / "step_00000012").glob("*.distcp"):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     resumed = onetrick("train", "--steps", "16", "--resume", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert checkpoints(tmp_path) == ["step_00000012", "step_00000012.corrupt", "step_00000016"]
+    notes = [line for line in resumed.stderr.splitlines() if "unreadable" in line]
+    assert len(notes) == 1 and notes[0].startswith("onetrick: warning: checkpoint step 12 is unreadable (")
+    assert notes[0].endswith("); resumed from step 8")
+    assert checkpoints(tmp_path) == ["step_00000012", "step_00000016"]
     assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000016"
     assert steps_of(tmp_path) == [2, 4, 6, 8, 10, 12, 14, 16]
     assert steps_of(tmp_path, "test") == [16]   # the first run's test line at step 12 was dropped with it

@@ -51,8 +51,10 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     result = onetrick("eval", tmp_path)
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["step"] == 8 and "unreadable" in result.stderr and "scored step 8" in result.stderr
     resumed = onetrick("train", "--out", tmp_path, "--resume", *SHORT[:1], "16", *SHORT[2:])
     assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 8" in resumed.stderr
 
 
 @pytest.mark.timeout(300)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from onetrick.cli.parsing import comma_choices, comma_ints
-from onetrick.config import DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, PRECISIONS, SCHEMES, ConfigError
+from onetrick.config import DATA_PARALLEL_SYNCS, DEVICES, FC_BATCHES, PRECISIONS, SCHEMES, ConfigError, TrainConfig
+from onetrick.perf.bench.jobs import BenchSpec
 from onetrick.perf.bench.report import bench_report, write_bench
 from onetrick.perf.bench.runner import run_bench
 
@@ -65,19 +67,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def bench_spec(args: argparse.Namespace) -> BenchSpec:
+    """The runner's input from the parsed options (the runner reads no argparse namespace)."""
+    return BenchSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchSpec)})
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the bench, print the report, write OUT.md/.json/.png."""
     from onetrick.perf.bench.netns import NetnsError
 
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.rounds < 1:
         raise ConfigError("--steps, --batch and --rounds must be at least 1, --warmup at least 0")
+    from onetrick.run.description import check_model_and_data
+
+    check_model_and_data(TrainConfig(model=args.model, data=args.data, image_size=args.image_size))
     if args.validate_plan:
         from onetrick.perf.bench.plan_check import PLAN_STRATEGIES
 
         for name, value in PLAN_STRATEGIES.items():
             setattr(args, name, value)
     try:
-        result = run_bench(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+        result = run_bench(bench_spec(args), log=lambda s: print(s, file=sys.stderr, flush=True))
     except NetnsError as err:
         print(f"onetrick: error: {err}", file=sys.stderr)
         return 2

@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from onetrick import __version__
 from onetrick.cli.parsing import OneLineParser
 from onetrick.config import (
     ConfigError,
 )
+from onetrick.version import __version__
 
 #: Every subcommand, in ``onetrick --help`` order: its name -> ``"module[:function]"``
 #: (a module of this package; the function defaults to ``add_parser``), which is called
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # `onetrick` alone: what it can do
         parser.print_help()
         return 0
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from onetrick.data import DataError
     from onetrick.distributed.runtime import WorkerFailure
     from onetrick.run.checkpoint import CheckpointError
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"onetrick: {_interrupted(getattr(args, 'run_dir', None))}", file=sys.stderr)
         return 130
+    except CheckpointException as err:   # DCP's wrapper (a BaseException) of a save that failed: a full disk
+        print(f"onetrick: error: {_unwritten(err, getattr(args, 'run_dir', None))}", file=sys.stderr)
+        return 2
 
 
 def _interrupted(run_dir: Path | None) -> str:
@@ -82,6 +87,16 @@ def _interrupted(run_dir: Path | None) -> str:
     if candidates(run_dir):
         return f"interrupted; resume with --resume --out {run_dir}"
     return f"interrupted before the first checkpoint: nothing to resume in {run_dir}"
+
+
+def _unwritten(err: BaseException, run_dir: Path | None) -> str:
+    """A checkpoint that could not be written: the first worker's error (torch's writer
+    drops a full disk's reason: "unexpected pos"), and the newest one left to resume from."""
+    from onetrick.run.checkpoint import candidates, first_line
+
+    left = candidates(run_dir) if run_dir is not None else []
+    resume = f"; {left[0].name} is the newest left: resume with --resume --out {run_dir}" if left else ""
+    return f"a checkpoint could not be written ({first_line(err)}; is the disk full?){resume}"
 
 
 def run() -> None:

@@ -1,5 +1,6 @@
-"""Comma-separated list options shared by the ``study``, ``bench`` and ``simulate``
-commands (argparse ``type=`` callables: a bad value is a one-line usage error)."""
+"""What every command's parser shares: :class:`OneLineParser` (a usage error is one line;
+one help format) and the comma-separated list options of ``study``, ``bench`` and
+``simulate`` (argparse ``type=`` callables: a bad value is a one-line usage error)."""
 from __future__ import annotations
 
 import argparse

@@ -3,8 +3,10 @@
 ``onetrick plan --model M --workers K --batch B [--link NAME | measured | MBPS]`` prints every
 candidate of :mod:`onetrick.perf.planner` (predicted step ms, speedup, bytes by tag,
 exposed communication) and the choice with its reason in one line; ``--json`` prints
-the same as one JSON object. ``train --strategy auto`` runs the same planner once
-(:mod:`onetrick.run.auto`).
+the same as one JSON object. Its header says what each worker is (threads of this CPU, or
+one GPU of a profile, in which precision, and where the profile's figures come from) and
+what the plan assumes of DDP's overlap. ``train --strategy auto`` runs the same planner
+once (:mod:`onetrick.run.auto`).
 """
 from __future__ import annotations
 
@@ -14,13 +16,21 @@ import json
 import time
 
 from onetrick.config import FC_BATCHES, ConfigError
-from onetrick.perf.measure.links import loopback_link, measured_link
-from onetrick.perf.planner import Plan, default_threads, make_plan, measured_costs, plan_memory, time_share
-from onetrick.perf.predict.compute import FlopCosts
+from onetrick.perf.measure.block_times import HEAD_WIDTH
+from onetrick.perf.measure.links import loopback_link
+from onetrick.perf.measure.shared_host import measured_link, time_share
+from onetrick.perf.planner import Plan, default_threads, make_plan, measured_costs, plan_memory
+from onetrick.perf.predict.blocks import Block, model_blocks
+from onetrick.perf.predict.compute import CostProvider, FlopCosts
 from onetrick.perf.predict.hardware import NAMED_LINKS, PROFILES, link_mbps, named_link
+from onetrick.perf.predict.schedule import DDP_BUCKET, DDP_FIRST_BUCKET
 from onetrick.perf.predict.step import Link
 
-__all__ = ["add_parser", "cmd_plan", "format_plan"]
+__all__ = ["add_parser", "cmd_plan", "ddp_overlap", "format_plan"]
+
+#: the precision of a GPU profile's plan: :class:`~onetrick.perf.predict.compute.FlopCosts`
+#: runs at the profile's ``peak_flops``, its fp32 peak
+GPU_PRECISION = "fp32"
 
 
 def add_parser(sub) -> None:
@@ -109,12 +119,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     image = args.image_size or input_size(args.model)
     classes = args.classes or (10 if args.model == "smallnet" else 1000)
     threads = args.threads or default_threads(args.workers)
-    blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
-    slow = time_share(args.workers, threads)
+    blocks, costs, slow, compute = _costs(args, classes, image, threads)
     link, probe, named = _link(choice, args.workers, args.collective_us, threads, args.profile == "this-cpu")
-    if args.profile != "this-cpu":   # GPUs: nothing time-shares this machine's cores
-        prof = PROFILES[args.profile]
-        costs, slow = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"]), 1.0
     memory, available, source = plan_memory(args.model, classes, 3, image, args.workers, args.memory_per_worker,
                                             "cpu" if args.profile == "this-cpu" else "cuda")
     try:
@@ -123,23 +129,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     record = {"model": args.model, "image_size": image, "classes": classes, "threads": threads,
-              "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict()}
+              "profile": args.profile, "link_probe": probe, "planner_s": time.perf_counter() - t0, **plan.as_dict(),
+              **compute, "ddp_overlap": ddp_overlap(plan)}
     record["link"] = {**named, **record["link"]}   # the link used: its name, Gbit/s, latency, fixed costs
     print(json.dumps(record, indent=2) if args.json else format_plan(plan, record))
     return 0
 
 
+def _costs(args: argparse.Namespace, classes: int, image: int,
+           threads: int) -> tuple[list[Block], CostProvider, float, dict[str, str]]:
+    """The blocks, their costs, what K workers sharing cores multiply compute by, and what
+    the plan assumes of each worker (``per_worker``, ``compute``: the header's words).
+    this-cpu: every layer timed here (a real model, its classifier narrow: planner.measured_costs);
+    a GPU profile: FLOP counts of the model on the meta device, no real model, nothing timed."""
+    if args.profile == "this-cpu":
+        blocks, costs = measured_costs(args.model, classes, 3, image, args.batch, threads)
+        wide = any(b.linear and b.linear[1] > HEAD_WIDTH for b in blocks)
+        rows = costs.max_rows if costs.max_rows and costs.max_rows < args.workers * args.batch else None
+        return blocks, costs, time_share(args.workers, threads), {
+            "per_worker": f"{threads} thread(s) per worker",
+            "compute": f"every layer timed on this machine's CPU, fp32, {threads} thread(s) per worker"
+                       + (f"; a head Linear wider than {HEAD_WIDTH} outputs timed at {HEAD_WIDTH} and scaled by its "
+                          "width" if wide else "")
+                       + (f"; the trunk timed on at most {rows} examples and scaled by the examples" if rows else "")}
+    prof = PROFILES[args.profile]
+    blocks = model_blocks(args.model, classes, image)
+    costs = FlopCosts(blocks, prof["peak_flops"], prof["efficiency"], prof["mem_gbs"])
+    return blocks, costs, 1.0, {
+        "per_worker": f"one {args.profile} GPU per worker ({GPU_PRECISION})",
+        "compute": (f"{args.profile} profile, {GPU_PRECISION}: each block's multiply-adds at "
+                    f"{prof['peak_flops'] / 1e12:g} TFLOP/s peak x {prof['efficiency']:.0%} achieved, updates at "
+                    f"{prof['mem_gbs']:g} GB/s; the profile: {prof['note']}")}
+
+
+def ddp_overlap(plan: Plan) -> str | None:
+    """What the plan assumes of DDP's all-reduce and how much of it that hides
+    (perf/predict/schedule.py's ``_data_ddp``): each bucket is all-reduced as soon as
+    backward has finished its gradients, on a link that runs beside the compute; what is
+    still on the link when backward ends is exposed. None without a data/ddp candidate."""
+    ddp = next((c for c in plan.candidates if c.label == "data/ddp"), None)
+    if ddp is None or not ddp.result.comm_s:
+        return None
+    r, steal = ddp.result, plan.link.overlap_us_per_mb
+    cost = f"{steal:.0f} us of compute lost per MB sent, measured" if steal else "no compute lost to it"
+    return (f"DDP (data/ddp): gradient buckets ({DDP_FIRST_BUCKET >> 20} MiB, then {DDP_BUCKET >> 20} MiB) all-reduced "
+            f"as backward finishes them, overlapping the rest of backward (assumed: the link runs beside compute, "
+            f"{cost}): {r.exposed_s * 1e3:.1f} ms of {r.comm_s * 1e3:.1f} ms of communication exposed")
+
+
 def format_plan(plan: Plan, record: dict) -> str:
-    """The candidates as a Markdown table, fastest first, and the choice in one line."""
+    """The candidates as a Markdown table, fastest first, and the choice in one line; the
+    header says what each worker is and what the plan assumes of it."""
     lk, name = plan.link, record["link"].get("name", "given")
     head = (f"{record['model']} {record['image_size']}px, {record['classes']} classes, K={plan.k}, B={plan.batch} per "
-            f"worker, {record['threads']} thread(s) per worker, link {name}: "
+            f"worker, {record['per_worker']}, link {name}: "
             f"{f'{lk.gbps:.4g} Gbit/s' if lk.gbps else 'unlimited'}, {lk.latency_us:g} us per message + "
             f"{lk.collective_us:.0f} us per collective"
             + (f" + {lk.sync_us / 1e3:.1f} ms per rendezvous on shared cores" if lk.sync_us else "")
             + f" ({record['link_probe'].get('kind', 'none')})")
-    lines = [head, "", "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | "
-                       "memory per worker GB | runnable |",
+    lines = [head, f"compute: {record['compute']}", "",
+             "| plan | batch | step ms | speedup | MB sent per worker per step, by tag | exposed ms | "
+             "memory per worker GB | runnable |",
              "|---|---:|---:|---:|---|---:|---:|---|"]
     for c in plan.candidates:
         r = c.result
@@ -150,7 +200,7 @@ def format_plan(plan: Plan, record: dict) -> str:
     if plan.available is not None:
         lines += ["", f"memory per worker: {plan.available / 1e9:.1f} GB ({plan.available_from}); predicted peaks "
                       "as `onetrick train` holds them (perf/predict/memory.py)"]
+    if record.get("ddp_overlap"):
+        lines += ["", record["ddp_overlap"]]
     lines += ["", f"choice: {plan.reason}", f"(planned in {record['planner_s']:.1f} s)"]
     return "\n".join(lines)
-
-

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from onetrick.config import ConfigError
 
 
+def warn(line: str) -> None:
+    """One line on stderr: something the user should know, which did not stop the command."""
+    print(f"onetrick: warning: {line}", file=sys.stderr, flush=True)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    """JSON with the test errors and the ``step`` scored; a newer checkpoint that could
+    not be read is named on stderr."""
     from onetrick.run.export import evaluate_run
 
-    result = evaluate_run(args.run, views=args.views, data=args.data)
+    result = evaluate_run(args.run, views=args.views, data=args.data, on_skip=warn)
     print(json.dumps(result))
     return 0
 
@@ -19,20 +27,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from onetrick.run.export import export_run
 
-    path = export_run(args.run, args.output)
+    path = export_run(args.run, args.output, on_skip=warn)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    """Curves (and filters) of ``args.runs``; damaged metrics are one line, no plot drawn."""
     from onetrick.run.export import first_layer_weight
-    from onetrick.run.plots import plot_curves, plot_filters
+    from onetrick.run.plots import MetricsError, plot_curves, plot_filters
 
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out} is a file; plot writes PNG files into a folder")
     out.mkdir(parents=True, exist_ok=True)
-    written = [plot_curves([Path(r) for r in args.runs], out / "curves.png")]
+    try:
+        written = [plot_curves([Path(r) for r in args.runs], out / "curves.png")]
+    except MetricsError as err:
+        raise ConfigError(str(err)) from None
     if not args.no_filters:
         written.append(plot_filters(first_layer_weight(Path(args.runs[0])), out / "filters.png"))
     print("wrote " + ", ".join(str(w) for w in written))
@@ -41,7 +53,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def add_eval_parser(sub) -> None:
     """Define ``onetrick eval``."""
-    p = sub.add_parser("eval", help="test error of a run's newest checkpoint")
+    p = sub.add_parser("eval", help="test error of a run's newest readable checkpoint (JSON, with the step scored)")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--views", type=int, choices=(1, 10), default=1, help="1: centre crop, 10: corners+centre, flipped")
     p.add_argument("--data", default=None, help="data spec (default: the run's)")

@@ -23,8 +23,9 @@ from onetrick.cli.parsing import comma_ints
 from onetrick.config import ConfigError
 from onetrick.perf.bench.model_check import validate
 from onetrick.perf.bench.report import simulation_report, write_simulation
+from onetrick.perf.measure.block_times import MeasuredCosts
 from onetrick.perf.predict.blocks import model_blocks
-from onetrick.perf.predict.compute import FlopCosts, MeasuredCosts, ScaledCosts
+from onetrick.perf.predict.compute import FlopCosts, ScaledCosts
 from onetrick.perf.predict.hardware import NAMED_LINKS, PROFILES
 from onetrick.perf.predict.step import STRATEGY_VARIANTS, Link, sweep
 

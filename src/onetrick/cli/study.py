@@ -6,6 +6,7 @@ from pathlib import Path
 
 from onetrick.cli.parsing import comma_choices, comma_ints, positive_ints
 from onetrick.config import LR_SCALES, TrainConfig
+from onetrick.run.description import check_model_and_data
 from onetrick.run.study import VARIANTS, markdown, run_study
 
 
@@ -49,6 +50,7 @@ def cmd_study(args: argparse.Namespace) -> int:
                        eval_every=args.eval_every, log_every=args.eval_every,
                        train_examples=args.train_examples, download=args.download)
     base.validate()
+    check_model_and_data(base)   # --model and --data, before the first row trains
     command = "onetrick " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--table-only")  # what trains it
     lines = run_study(base, args.workers, args.variants, args.seeds, args.out, command, args.scheme,
                       train_rows=not args.table_only)

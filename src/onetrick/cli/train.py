@@ -150,15 +150,15 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from onetrick.run.rundir import prepare
     from onetrick.run.train import train
 
-    cfg = prepare(config_from_args(args).validate())  # settles --out now, for the Ctrl-C message
-    args.run_dir = cfg.out
-    summary = train(cfg)
+    def settled(out: Path) -> None:   # train() settles --out before any worker starts: the Ctrl-C line names it
+        args.run_dir = out
+
+    summary = train(config_from_args(args), on_run_dir=settled)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process gets here; one line is enough
         return 0
     print(f"test top-1 error {summary['top1_error']:.2%} (accuracy {1 - summary['top1_error']:.2%}), "
           f"top-5 error {summary['top5_error']:.2%}, {summary['images_per_s']:.0f} images/s, "
-          f"{summary['bytes_per_step_total'] / 1e6:.3f} MB sent per worker per step; run directory {cfg.out}")
+          f"{summary['bytes_per_step_total'] / 1e6:.3f} MB sent per worker per step; run directory {args.run_dir}")
     return 0

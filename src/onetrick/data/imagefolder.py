@@ -7,15 +7,20 @@ it plus a random horizontal flip; test takes the centre crop (1 view) or torchvi
 ``TenCrop`` (4 corners + centre and their flips). Pixels are scaled to [0, 1], the
 ImageNet channel means are subtracted and the result divided by the ImageNet channel
 stds (torchvision's convention; the paper subtracts the mean only, on a 0..255 scale).
-PCA colour noise is not applied. Corrupt images raise
+PCA colour noise is not applied. A class folder without an image (in train/ or val/)
+is refused when the data set is built: its classifier output could never be right, yet
+the run would train and test on the other classes without a word. Corrupt images raise
 ``DataError("corrupt image: PATH (reason)")`` when read, or, with ``skip_corrupt=True``,
 are replaced by the next readable image of the same split; the skipped paths are listed
-in ``dataset.skipped`` (per process: with DataLoader workers each worker keeps its own
-list) and a warning is issued once per path and process. ``loader_workers=2``.
+in ``dataset.skipped`` and a :class:`CorruptImageSkipped` warning of one line (no source
+line) is issued once per path, however many DataLoader workers, epochs and evaluations
+read it (the flags live in shared memory, so the workers a DataLoader forks each epoch
+see them). ``loader_workers=2``.
 """
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,20 +31,53 @@ from torch.utils.data import Dataset
 from onetrick.data.bundle import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError
 
 
+class CorruptImageSkipped(RuntimeWarning):
+    """An unreadable image that ``--skip-corrupt`` replaced; shown as one line."""
+
+
+_plain_format = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    """:class:`CorruptImageSkipped` as ``onetrick: warning: MESSAGE``: the file and source
+    line warnings add by default would double every line of a long list of bad images.
+    Every other warning keeps Python's format."""
+    if issubclass(category, CorruptImageSkipped):
+        return f"onetrick: warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line
+
+
 class ImageFiles(Dataset):
     """``(path, label)`` samples read with PIL and passed through ``transform``.
 
     A file PIL cannot read raises ``DataError("corrupt image: PATH (reason)")``, or, with
-    ``skip_corrupt``, is replaced by the next readable file (wrapping around); its
-    path is appended to ``self.skipped`` and a warning issued once (per process)."""
+    ``skip_corrupt``, is replaced by the next readable file (wrapping around); its path
+    joins ``self.skipped`` and is warned about once. ``_flags`` (shared memory: one byte
+    per sample, 1 once skipped) makes that once across the DataLoader workers too."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable, skip_corrupt: bool) -> None:
         self.samples, self.transform, self.skip_corrupt = samples, transform, skip_corrupt
         self.targets = [label for _, label in samples]
-        self.skipped: list[str] = []
+        self._flags = torch.zeros(len(samples), dtype=torch.uint8)
+        if skip_corrupt and samples:
+            self._flags.share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def skipped(self) -> list[str]:
+        """The paths skipped so far, by any process reading this data set."""
+        return [self.samples[i][0] for i in self._flags.nonzero().flatten().tolist()]
+
+    def _skip(self, index: int, err: DataError) -> None:
+        """Flag sample ``index`` and warn, the first time it is skipped."""
+        if not self._flags[index]:
+            self._flags[index] = 1
+            warnings.warn(f"skipping {err}", CorruptImageSkipped, stacklevel=2)
 
     def select(self, indices: torch.Tensor) -> ImageFiles:
         """The same data set restricted to ``indices`` (``--train-examples``)."""
@@ -64,9 +102,7 @@ class ImageFiles(Dataset):
             except DataError as err:
                 if not self.skip_corrupt:
                     raise
-                if path not in self.skipped:
-                    self.skipped.append(path)
-                    warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+                self._skip((index + k) % n, err)
                 continue
             return self.transform(image), label
         raise DataError(f"no readable image among the {n} files of this split")
@@ -97,6 +133,19 @@ def _scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
+def _check_every_class_has_images(split_dir: Path, classes: list[str], samples: list[tuple[str, int]]) -> None:
+    """One line naming a class folder of ``split_dir`` that holds no image: trained, its
+    output would never be right; tested, its error never measured."""
+    if not samples:
+        raise DataError(f"no images in {split_dir}")
+    counts = Counter(label for _, label in samples)
+    empty = [name for index, name in enumerate(classes) if not counts[index]]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"no images in class folder {split_dir / empty[0]}{more}: "
+                        "add some, or remove the class from both splits")
+
+
 def build_imagefolder(root: Path, image_size: int, skip_corrupt: bool) -> DataBundle:
     from torchvision import transforms
 
@@ -115,9 +164,8 @@ def build_imagefolder(root: Path, image_size: int, skip_corrupt: bool) -> DataBu
         only_test = sorted(set(test_classes) - set(train_classes))
         raise DataError(f"class folders differ between {train_dir} and {test_dir}: "
                         f"only in train {only_train[:5]}, only in {test_dir.name} {only_test[:5]}")
-    for split_dir, samples in ((train_dir, train_samples), (test_dir, test_samples)):
-        if not samples:
-            raise DataError(f"no images in {split_dir}")
+    _check_every_class_has_images(train_dir, train_classes, train_samples)
+    _check_every_class_has_images(test_dir, test_classes, test_samples)
     resize = image_size * 256 // 224
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     stored = [transforms.Resize(resize), transforms.CenterCrop(resize)]  # cuda-convnet2's stored square

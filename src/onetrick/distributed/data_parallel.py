@@ -97,8 +97,9 @@ class _Owned:
     param_offset: int        # where the view starts inside the parameter (flattened)
 
 
-class _Bucket:
-    """A flat, padded run of parameters; this worker owns slice ``[rank*S, (rank+1)*S)``."""
+class FlatBucket:
+    """A flat, padded run of parameters; this worker owns slice ``[rank*S, (rank+1)*S)``.
+    The parameter server lays its weights out the same way, one slice per server."""
 
     def __init__(self, params: list[tuple[str, nn.Parameter]], world: int, rank: int) -> None:
         self.params = params
@@ -144,7 +145,7 @@ class ShardedDataParallel(Strategy):
         super().__init__(model, cfg, rt)
         self.synced = module if module is not None else self.model
         self.average = average
-        self.buckets = [_Bucket(group, self.comm.size, self.comm.rank) for group in _group_params(self.synced)]
+        self.buckets = [FlatBucket(group, self.comm.size, self.comm.rank) for group in _group_params(self.synced)]
         self.optimizer = self._shard_optimizer(cfg, self.base_lr() if lr is None else lr)
         for bucket in self.buckets:
             for _, p in bucket.params:
@@ -163,12 +164,12 @@ class ShardedDataParallel(Strategy):
         return opt
 
     # -- gradient path -------------------------------------------------------------
-    def _grad_ready(self, bucket: _Bucket) -> None:
+    def _grad_ready(self, bucket: FlatBucket) -> None:
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch(bucket)
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: FlatBucket) -> None:
         for (_, p), (a, b) in zip(bucket.params, bucket.ranges):
             if p.grad is None:
                 bucket.grad[a:b].zero_()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -37,6 +38,7 @@ PR_SET_PDEATHSIG = 1        # linux/prctl.h
 SHUTDOWN_GRACE_S = 2        # after a failure, seconds the others get to exit before SIGKILL (elastic's default: 30)
 HEARTBEAT_EVERY_S = 1.0
 STORE_CLIENT_TIMEOUT_S = 10  # the heartbeat's store calls give up after this
+RESTART_CAUSE_ENV = "ONETRICK_RESTART_CAUSE"   # set by the launcher for a restarted attempt's workers
 
 
 class WorkerFailure(RuntimeError):
@@ -75,6 +77,24 @@ def package_pythonpath() -> str:
 
 def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def restart_attempt() -> int:
+    """How many times torch elastic has restarted this job (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def announce_restart(rt: Runtime, step: int) -> None:
+    """Worker 0 of a restarted attempt says so in one line: who failed and why (noted by
+    our launcher, not by torchrun's), which restart of how many, and the step it resumes
+    from, which only the workers know, once they have loaded their checkpoint."""
+    attempt = restart_attempt()
+    if not rt.is_main or attempt == 0:
+        return
+    cause = os.environ.get(RESTART_CAUSE_ENV, "a worker failed")
+    most = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    print(f"onetrick: {cause}; restart {attempt}{f' of {most}' if most else ''} from step {step}",
+          file=sys.stderr, flush=True)
 
 
 def _threads(cfg: TrainConfig, local_world: int) -> int:
@@ -131,7 +151,7 @@ def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_hosts_it, timeout=timeout,
                           multi_tenant=not agent_hosts_it)
-    return dist.PrefixStore(f"onetrick/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"onetrick/attempt_{restart_attempt()}", store)
 
 
 class Heartbeat:
@@ -157,8 +177,7 @@ class Heartbeat:
                                    timeout=timedelta(seconds=STORE_CLIENT_TIMEOUT_S))
         except (RuntimeError, ValueError):
             return None  # no heartbeat: failures are then named by the worker that saw them
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        beat = cls(dist.PrefixStore(f"onetrick/heartbeat_{attempt}", client), rank, world)
+        beat = cls(dist.PrefixStore(f"onetrick/heartbeat_{restart_attempt()}", client), rank, world)
         beat._thread.start()
         return beat
 
@@ -234,7 +253,7 @@ def _maybe_freeze(rank: int) -> None:
     """Testing hook: ONETRICK_FREEZE_AT=SECONDS:RANK SIGSTOPs that worker SECONDS after it
     starts, as a hung machine would (alive, silent, holding its peers in a collective)."""
     spec = os.environ.get("ONETRICK_FREEZE_AT")
-    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if spec and restart_attempt() == 0:
         seconds, _, who = spec.partition(":")
         if rank == int(who or 0):
             timer = threading.Timer(float(seconds), os.kill, (os.getpid(), signal.SIGSTOP))
@@ -269,6 +288,25 @@ def _short_grace() -> None:
     ProcessContext.join = _join
 
 
+def _note_restart_causes() -> None:
+    """Once per process, wrap torch elastic's worker monitor: when the group has failed
+    (a restart follows if ``--max-restarts`` allows), note who failed and why in this
+    launcher's environment, which the next attempt's workers inherit and whose worker 0
+    says it (:func:`announce_restart`; elastic logs restarts at INFO, which we silence)."""
+    monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if monitor is None or getattr(monitor, "onetrick_causes", False):
+        return
+
+    def _monitor(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and result.failures:
+            os.environ[RESTART_CAUSE_ENV] = _describe(result.failures)
+        return result
+
+    _monitor.onetrick_causes = True
+    LocalElasticAgent._monitor_workers = _monitor
+
+
 def launch(fn: Callable[..., Any], cfg: TrainConfig, *args: Any, nprocs: int | None = None) -> dict[int, Any]:
     """Run ``fn(runtime, cfg, *args)`` on ``nprocs`` workers (default ``cfg.process_count``).
 
@@ -281,31 +319,43 @@ def launch(fn: Callable[..., Any], cfg: TrainConfig, *args: Any, nprocs: int | N
     if nprocs == 1:
         return {0: _entry(fn, cfg, *args)}
     _short_grace()
+    _note_restart_causes()
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
         run_id=f"onetrick-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
         max_restarts=cfg.max_restarts, monitor_interval=0.1, start_method="spawn",
     )
-    # torch elastic logs each failed worker's whole traceback; one line is ours to print,
-    # the traceback goes to the run directory (or the console with --debug).
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
-        logging.getLogger(name).setLevel(logging.INFO if cfg.debug else logging.CRITICAL)
+    # torch elastic logs each failed worker's whole traceback, and a Ctrl-C's "death signal";
+    # one line is ours to print, the traceback goes to the run directory (or the console with
+    # --debug). Each of its modules logs at a level of its own: setting the parent's is not enough.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
+            logging.getLogger(name).setLevel(logging.INFO if cfg.debug else logging.CRITICAL)
     if not cfg.debug:  # c10d's own C++ warnings (socket timeouts) repeat what our one line says
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         return elastic_launch(config, _entry)(fn, cfg, *args)
     except ChildFailedError as err:
-        raise WorkerFailure(_describe(err) + _keep_traceback(err, cfg)) from None
+        raise WorkerFailure(_describe(err.failures) + _out_of_restarts(cfg) + _keep_traceback(err, cfg)) from None
     except SignalException:  # Ctrl-C or SIGTERM to the launcher: the workers are already stopped
         raise KeyboardInterrupt from None
+    finally:  # a later launch in this process (the API, a study) starts with no cause noted
+        os.environ.pop(RESTART_CAUSE_ENV, None)
 
 
-def _describe(err: ChildFailedError) -> str:
-    """One line naming the worker that caused the failure: one killed by a signal first,
-    else one whose peers report it silent, else the lowest rank that failed."""
-    reasons = {rank: _reason(failure) for rank, failure in err.failures.items()}
-    killed = [r for r, f in err.failures.items() if f.exitcode is not None and f.exitcode < 0]
+def _out_of_restarts(cfg: TrainConfig) -> str:
+    """The failure's tail when ``--max-restarts`` ran out: a job fails only once it has."""
+    n = cfg.max_restarts
+    return f" after {n} restart{'s' if n != 1 else ''} (--max-restarts {n})" if n else ""
+
+
+def _describe(failures: dict) -> str:
+    """One line naming the worker that caused the failure (``failures``: torch elastic's
+    ProcessFailure by rank): one killed by a signal first, else one whose peers report it
+    silent, else the lowest rank that failed."""
+    reasons = {rank: _reason(failure) for rank, failure in failures.items()}
+    killed = [r for r, f in failures.items() if f.exitcode is not None and f.exitcode < 0]
     rank = min(killed) if killed else min(reasons, key=lambda r: (PeerLost.__name__ in reasons[r], r))
     reason = reasons[rank]
     if PeerLost.__name__ in reason:

@@ -1,20 +1,22 @@
-"""Performance: measuring steps (``onetrick bench``) and predicting them (``onetrick simulate``).
+"""Performance: predicting a training step (``onetrick simulate``, ``onetrick plan``),
+measuring this machine, and timing real steps (``onetrick bench``). Four parts, each
+importing only those above it in this list:
 
-The cost model, reusable without either command:
+* :mod:`~onetrick.perf.predict`: the cost model, pure (no processes, no files, no
+  printing): a model as blocks, compute costs counted from a GPU profile, the collective
+  schedule of every strategy, :func:`~onetrick.perf.predict.step.predict` of one step,
+  its predicted memory per worker;
+* :mod:`~onetrick.perf.measure`: this machine, measured: the gloo link between K local
+  workers (:mod:`~onetrick.perf.measure.links`), every block's time
+  (:mod:`~onetrick.perf.measure.block_times`), memory per worker
+  (:mod:`~onetrick.perf.measure.memory`), and the corrections for K workers time-sharing
+  a small shared machine (:mod:`~onetrick.perf.measure.shared_host`);
+* :mod:`~onetrick.perf.planner`: every way to run one step at K workers, predicted, the
+  fastest that fits chosen and explained (``plan``, ``train --strategy auto``);
+* :mod:`~onetrick.perf.bench`: ``onetrick bench``: its jobs, the runner (local or in
+  network namespaces), the worker processes, the reports, and the checks of the cost
+  model and the planner against what it measured.
 
-* :mod:`~onetrick.perf.predict.blocks`: a model as a list of blocks (shapes, multiply-adds, FC widths);
-* :mod:`~onetrick.perf.predict.compute`: compute per block: counted (:class:`FlopCosts`, named GPU
-  :data:`PROFILES`), timed here (:class:`MeasuredCosts`), or none (:class:`ZeroCosts`);
-* :mod:`~onetrick.perf.predict.step`: :func:`predict` (blocks, costs, :class:`Variant`, K,
-  batch, :class:`Link`) -> :class:`StepResult`; :func:`step_bytes`, :func:`sweep`;
-* :mod:`~onetrick.perf.predict.schedule`: inside ``predict``: the link model and the collective
-  schedule of every strategy, walked in program order;
-* :mod:`~onetrick.perf.bench.model_check`: predictions against a bench result.
-
-Measuring: :mod:`~onetrick.perf.bench.runner` (jobs, local or in network namespaces),
-:mod:`~onetrick.perf.bench.processes` (inside the worker processes; machine probes),
-:mod:`~onetrick.perf.bench.netns` (the shaped links). Writing: :mod:`~onetrick.perf.bench.report`
-(Markdown, JSON, PNG). The commands: :mod:`~onetrick.cli.bench`, :mod:`~onetrick.cli.simulate`.
-
-Nothing is imported here, so ``import onetrick.perf.predict.step`` pulls in only what it needs.
+The commands themselves are in :mod:`onetrick.cli`. Nothing is imported here, so
+``import onetrick.perf.predict.step`` pulls in only what it needs.
 """

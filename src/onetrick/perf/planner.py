@@ -15,7 +15,9 @@ maths, so it keeps only the hybrid's schemes b and c.
 
 :func:`make_plan` takes compute costs and a link from anywhere (tests use FLOP costs);
 :func:`measured_costs` times this machine's layers (cached per model, batch, image size
-and threads); :mod:`~onetrick.perf.measure.links` measures gloo between K local workers.
+and threads; :mod:`~onetrick.perf.measure.block_times`); :mod:`~onetrick.perf.measure.links`
+measures gloo between K local workers, :mod:`~onetrick.perf.measure.shared_host` what
+they pay for time-sharing this machine's cores.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from onetrick.config import TrainConfig
-from onetrick.perf.predict.blocks import Block, describe
-from onetrick.perf.predict.compute import CostProvider, MeasuredCosts
+from onetrick.perf.measure.block_times import MeasuredCosts
+from onetrick.perf.predict.activations import NetMemory
+from onetrick.perf.predict.blocks import Block, model_blocks
+from onetrick.perf.predict.compute import CostProvider
 from onetrick.perf.predict.step import Link, StepResult, Variant, images_per_step, predict
 
 __all__ = ["Candidate", "Plan", "candidate_variants", "explain", "make_plan", "measured_costs"]
@@ -40,7 +44,7 @@ class Candidate:
     batch: int
     result: StepResult
     speedup: float
-    memory: object | None = None     # perf.memory_model.MemoryPrediction: the peak per worker, by part
+    memory: object | None = None     # perf.predict.memory.MemoryPrediction: the peak per worker, by part
     fits: bool = True                # the peak fits in the memory each worker has
 
     @property
@@ -64,7 +68,7 @@ class Candidate:
                 "fc_batch": v.fc_batch, "cut": v.cut, "batch": self.batch, "predicted_step_ms": r.step_s * 1e3,
                 "speedup": self.speedup, "bytes": dict(r.bytes), "bytes_total": r.bytes_total,
                 "exposed_ms": r.exposed_s * 1e3, "compute_ms": r.compute_s * 1e3, "runnable": self.runnable,
-                "memory_bytes": self.memory_bytes, "fits": self.fits,
+                "memory_bytes": self.memory_bytes, "fits": self.fits, "comm_ms": r.comm_s * 1e3,
                 "memory": self.memory.as_dict() if self.memory is not None else None}
 
 
@@ -195,40 +199,55 @@ def _linear_index(blocks: list[Block], i: int) -> int:
 
 
 _COSTS: dict[tuple, tuple[list[Block], MeasuredCosts]] = {}
+#: what the trunk's saved activations may take while it is timed beyond the batch (:func:`timed_rows`)
+TIMED_BYTES = 2 * 2**30
 
 
 def measured_costs(model_name: str, classes: int, channels: int, image: int, batch: int, threads: int,
                    reps: int = 2) -> tuple[list[Block], MeasuredCosts]:
     """Blocks and this machine's layer costs, cached per (model, classes, channels, image
-    size, batch, threads): every plan asks for its own shapes, each timed once."""
-    import torch
-
-    from onetrick.models import build_model
-
+    size, batch, threads): every plan asks for its own shapes, each timed once. Timed in
+    bounded memory: the model is real but its classifier narrow, the blocks' at full width
+    (:func:`~onetrick.perf.predict.blocks.model_blocks`), and the trunk is timed on at most
+    :func:`timed_rows` examples (model parallelism's K*B scaled from fewer)."""
     key = (model_name, classes, channels, image, batch, threads)
     if key not in _COSTS:
-        torch.manual_seed(0)
-        model = build_model(model_name, classes, channels)
-        blocks = describe(model, image, channels)
-        _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model,
-                                                    overhead_rows=batch))
+        blocks, model = model_blocks(model_name, classes, image, with_model=True, channels=channels)
+        _COSTS[key] = (blocks, MeasuredCosts(blocks, threads=threads, reps=reps, model=model, overhead_rows=batch,
+                                             max_rows=timed_rows(model, image, channels, batch)))
     return _COSTS[key]
 
 
+def timed_rows(model, image: int, channels: int, batch: int) -> int | None:
+    """The most examples the trunk is timed on: the batch, or more while what its forward
+    saves (:class:`~onetrick.perf.predict.activations.NetMemory`, on the meta device) stays
+    under :data:`TIMED_BYTES`. Model parallelism runs the trunk at K*B: timed there,
+    resnet50 at 224 px, K=4, B=32 saved 10 GiB, a plan the planner then found too big for
+    this machine. None (no limit) where the meta device cannot tell. Measured at two
+    examples: batch norm refuses one on a 1x1 map."""
+    try:
+        per_row = NetMemory.from_model(model, image, channels).trunk_saved(2).total // 2
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError, StopIteration):
+        return None
+    return max(batch, TIMED_BYTES // max(1, per_row))
+
+
 def plan_memory(model: str, classes: int, channels: int, image: int, k: int, given_gb: float | None, device: str,
-                cfg: TrainConfig | None = None, run: str = "train", here: bool = False):
+                cfg: TrainConfig | None = None, run: str = "train", here: bool = False, net: NetMemory | None = None):
     """The planner's memory check: ``(predict(variant, k, batch), bytes per worker, where
     that figure comes from)``. Each candidate is predicted as ``train`` would hold it (the
     model on the meta device, :mod:`onetrick.perf.predict.memory`). The memory per worker is
     ``--memory-per-worker`` when given, else detected (CPU: available memory / K; a GPU
     profile planned on this machine has no detected limit). ``run="bench"``: as the bench's
     steps alone hold it. ``here``: the workers run on this machine (``train --strategy
-    auto``, a bench's validation): a given figure is capped at their share of it."""
+    auto``, a bench's validation): a given figure is capped at their share of it. ``net``:
+    the network already described (``train``'s launch describes it once); else it is
+    built here on the meta device."""
     from onetrick.perf.measure.memory import available_memory
     from onetrick.perf.predict.activations import net_memory
     from onetrick.perf.predict.memory import predict_memory
 
-    net = net_memory(model, classes, channels, image, cfg.dropout if cfg else 0.5)
+    net = net or net_memory(model, classes, channels, image, cfg.dropout if cfg else 0.5)
     extra = ({"precision": cfg.precision, "on_nan": cfg.on_nan, "weight_decay": cfg.weight_decay > 0}
              if cfg is not None else {})
 
@@ -239,11 +258,6 @@ def plan_memory(model: str, classes: int, channels: int, image: int, k: int, giv
         return predict, None, "no limit given"
     available, source = available_memory(device, k, given_gb=given_gb, here=here)
     return predict, available, source
-
-
-def time_share(k: int, threads: int, cores: int | None = None) -> float:
-    """K workers of T threads on ``cores`` (default: this machine's): each gets ``cores / (K*T)`` of a core."""
-    return max(1.0, k * threads / (cores or os.cpu_count() or 1))
 
 
 def default_threads(k: int) -> int:

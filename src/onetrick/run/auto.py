@@ -6,17 +6,20 @@ import os
 import time
 
 from onetrick.config import ConfigError, TrainConfig
-from onetrick.perf.measure.links import measured_link
-from onetrick.perf.planner import default_threads, make_plan, measured_costs, plan_memory, time_share
+from onetrick.perf.measure.shared_host import measured_link, time_share
+from onetrick.perf.planner import default_threads, make_plan, measured_costs, plan_memory
 from onetrick.perf.predict.step import Link
+from onetrick.run.description import ModelDescription
 
 
-def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
+def resolve_auto(cfg: TrainConfig, desc: ModelDescription, log=print) -> TrainConfig:
     """``--strategy auto`` / ``--scheme auto`` -> the planner's runnable choice, with the
     plan (choice, reason, every candidate's prediction, the link, the planner's own
     seconds) in ``cfg.plan``. Other configurations are returned unchanged. ``fc_batch``
     stays the user's; model parallelism is planned at K*B examples per worker, the same
-    SGD step as the others."""
+    SGD step as the others. ``desc``: the run's model and data, described once
+    (``run/description.py``): every candidate's memory is predicted from it; the layers'
+    times come from one real model, built and timed here."""
     from onetrick.distributed.runtime import under_torchrun
 
     auto_scheme = cfg.strategy == "hybrid" and cfg.scheme == "auto"
@@ -35,14 +38,11 @@ def resolve_auto(cfg: TrainConfig, log=print) -> TrainConfig:
         log(f"plan: {resolved.strategy}{'/b' if auto_scheme else ''}: one worker, nothing to plan")
         return resolved.replace(plan={"choice": {"label": resolved.strategy}, "reason": "one worker", "candidates": []})
     t0 = time.perf_counter()
-    from onetrick.run.worker_setup import run_data
-
-    data = run_data(cfg)
     threads = cfg.threads or default_threads(cfg.workers)
-    blocks, costs = measured_costs(cfg.model, data.num_classes, data.in_channels, data.image_size, cfg.batch, threads)
+    blocks, costs = measured_costs(cfg.model, desc.classes, desc.channels, desc.image_size, cfg.batch, threads)
     probe = measured_link(cfg.workers, threads)
-    memory, available, source = plan_memory(cfg.model, data.num_classes, data.in_channels, data.image_size,
-                                            cfg.workers, cfg.memory_per_worker, cfg.device, cfg, here=True)
+    memory, available, source = plan_memory(cfg.model, desc.classes, desc.channels, desc.image_size, cfg.workers,
+                                            cfg.memory_per_worker, cfg.device, cfg, here=True, net=desc.net)
     try:
         plan = make_plan(blocks, costs, cfg.workers, cfg.batch, Link.from_measured(probe), time_share(cfg.workers, threads),
                          cfg.fc_batch, "hybrid" if auto_scheme else None, cfg.cut if auto_scheme else None,

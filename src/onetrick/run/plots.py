@@ -4,19 +4,26 @@ first layer's filters, written as PNG files (matplotlib's Agg renderer, no displ
 A run directory holds ``metrics.jsonl``: one JSON object per line, ``"kind": "train"``
 (``step``, ``epoch``, ``loss``, ``lr``, ``images_per_s``, ``train_error``) or
 ``"kind": "test"`` (``step``, ``epoch``, ``top1_error``, ``top5_error``); errors are
-fractions. Lines that do not parse (a run killed mid-write) are ignored; when a resumed
-run logged a step twice, the last record of that step wins.
+fractions. A line cut mid-write (a run killed then) is left out; any other line that
+is not a record, or a file without one, is refused in one line
+(:class:`MetricsError`) rather than drawn as an empty plot. When a resumed run logged a
+step twice, the last record of that step wins.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["new_figure", "plot_curves", "plot_filters", "read_metrics"]
+from onetrick.run.records import read_records
+
+__all__ = ["MetricsError", "new_figure", "plot_curves", "plot_filters", "read_metrics"]
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be plotted; one line naming the file and the line."""
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -24,15 +31,14 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in run directory {run_dir}")
+    found = read_records(path)
+    problem = found.damage() or (None if found.records else f"{path} holds no metrics record")
+    if problem:
+        raise MetricsError(f"{problem}; nothing plotted")
     by_kind: dict[str, dict[int, dict]] = {"train": {}, "test": {}}
-    with path.open() as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("kind") in by_kind and "step" in record:
-                by_kind[record["kind"]][int(record["step"])] = record
+    for record in found.records:
+        if record["kind"] in by_kind:
+            by_kind[record["kind"]][record["step"]] = record
     return ([by_kind["train"][s] for s in sorted(by_kind["train"])],
             [by_kind["test"][s] for s in sorted(by_kind["test"])])
 
@@ -78,7 +84,7 @@ def plot_curves(run_dirs: list[Path], out: Path) -> Path:
     run_dirs = [Path(r) for r in run_dirs]
     if not run_dirs:
         raise ValueError("plot_curves needs at least one run directory")
-    runs = [read_metrics(r) for r in run_dirs]  # raises FileNotFoundError first, before drawing
+    runs = [read_metrics(r) for r in run_dirs]  # raises FileNotFoundError/MetricsError first, before drawing
     fig = new_figure(9, 7)
     ax_err, ax_loss = fig.subplots(2, 1, sharex=True)
     colours = [f"C{i % 10}" for i in range(len(runs))]

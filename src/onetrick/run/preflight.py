@@ -1,15 +1,18 @@
 """Checks that need the data or the model, run once in the launcher before any worker starts.
 
 ``TrainConfig.validate`` checks each option on its own. What it cannot see is how the
-options meet the data and the model: a batch larger than the training set (zero steps
-per epoch: the loop would wait forever for a batch), an image size the network cannot
-take, a ``--lr-mult`` pattern that names no parameter, a run that cannot fit in this
-machine's memory or cores, a run directory that cannot be written. Each becomes one
-line here (:class:`~onetrick.config.ConfigError` or :class:`~onetrick.data.DataError`)
-instead of a traceback, or a hang, inside K workers.
+options meet the data and the model: a ``--model`` or ``--data`` that names nothing, a
+batch larger than the training set (zero steps per epoch: the loop would wait forever for
+a batch), an image size the network cannot take, a ``--lr-mult`` pattern that names no
+parameter, a ``--cut`` past the head, a run that cannot fit in this machine's memory or
+cores, a run directory that cannot be written. Each becomes one line here
+(:class:`~onetrick.config.ConfigError` or :class:`~onetrick.data.DataError`) instead of a
+traceback, or a hang, inside K workers.
 
-The model is built on PyTorch's ``meta`` device: shapes and parameter counts without
-memory or arithmetic, so a 100,000-class head costs nothing to check.
+Every check reads one :class:`~onetrick.run.description.ModelDescription` of the run,
+made once (the model on PyTorch's ``meta`` device: shapes and parameter counts without
+memory or arithmetic, so a 100,000-class head costs nothing to check), which
+:func:`check` returns for the planner and the memory prediction to read too.
 """
 from __future__ import annotations
 
@@ -21,35 +24,55 @@ from typing import TYPE_CHECKING
 import torch
 
 from onetrick.config import ConfigError, TrainConfig
+from onetrick.run.description import ModelDescription, describe
 
 if TYPE_CHECKING:
     from onetrick.run.source import Source
 
-# More workers than this per CPU core only queue for the cores (and gloo's threads).
+# More workers, or compute threads in all, than this per CPU core only queue for the
+# cores (and gloo's threads); far beyond it the machine runs out of threads to start.
 MAX_WORKERS_PER_CORE = 8
 
 
-def check(cfg: TrainConfig, source: Source | None = None) -> None:
-    """Raise a one-line ConfigError/DataError if the run cannot work; return quietly if it can.
-    ``source``: a user's own model and data (:func:`onetrick.fit`), checked in place of
-    ``--model``/``--data`` (``fit`` has already run one of its images through the model)."""
+def check(cfg: TrainConfig, source: Source | None = None) -> ModelDescription:
+    """Raise a one-line ConfigError/DataError if the run cannot work; return the run's
+    description if it can. ``source``: a user's own model and data (:func:`onetrick.fit`),
+    checked in place of ``--model``/``--data`` (``fit`` has already run one of its images
+    through the model, and the workers check its ``--cut``)."""
     if cfg.out is not None:  # None: a fresh directory under runs/ (rundir.prepare)
         check_run_directory(Path(cfg.out))
     check_cores(cfg)
-    from onetrick.run.worker_setup import run_data
+    desc = describe(cfg, source)
+    if source is None:
+        check_image_size(cfg, desc)
+        check_cut(cfg, desc)
+    if desc.classes < 2:
+        raise ConfigError(f"{desc.data_name} has {desc.classes} class; a classifier needs at least 2")
+    check_batch(cfg, desc.train_size, desc.data_name)
+    check_warmup(cfg, desc.train_size)
+    check_lr_mult(desc.model, cfg.lr_mult)
+    check_memory(cfg, desc)
+    return desc
 
-    data = source.data if source else run_data(cfg)
-    if data.num_classes < 2:
-        raise ConfigError(f"{data.name} has {data.num_classes} class; a classifier needs at least 2")
-    check_batch(cfg, len(data.train), data.name)
-    check_warmup(cfg, len(data.train))
-    if source:
-        model = source.model
-    else:
-        model = _meta_model(cfg, data.num_classes, data.in_channels)
-        check_image_size(model, cfg, data.in_channels, data.image_size)
-    check_lr_mult(model, cfg.lr_mult)
-    check_memory(cfg, data, source.model if source else None)
+
+def check_planned(cfg: TrainConfig, desc: ModelDescription) -> TrainConfig:
+    """The planner's choice for ``--strategy``/``--scheme auto`` (``run/auto.py``), checked
+    as the user's own would be where the planner changed it (the split of the work, its
+    cut and its batch), against the same description: nothing rebuilt. Returns ``cfg``."""
+    cfg.validate_parallelism()
+    check_cut(cfg, desc)
+    check_batch(cfg, desc.train_size, desc.data_name)
+    return cfg
+
+
+def check_cut(cfg: TrainConfig, desc: ModelDescription) -> None:
+    """``--cut N`` leaves at least one of the head's Linear layers model-parallel."""
+    if cfg.cut == 0:
+        return
+    linear = desc.head_linears
+    if cfg.cut >= linear:
+        raise ConfigError(f"--cut {cfg.cut} must be below the {linear} fully-connected layers of {cfg.model} "
+                          f"(0..{linear - 1}; {linear} would be data parallelism: --strategy data)")
 
 
 def check_warmup(cfg: TrainConfig, train_examples: int) -> None:
@@ -76,13 +99,22 @@ def check_run_directory(out: Path) -> None:
 
 
 def check_cores(cfg: TrainConfig) -> None:
+    """The workers this machine starts, and their ``--threads``, at most
+    :data:`MAX_WORKERS_PER_CORE` per CPU core: ``--threads 100000`` would otherwise fail
+    inside a worker, after launch (gloo: "Resource temporarily unavailable")."""
     from onetrick.distributed.runtime import under_torchrun
 
     cores = os.cpu_count() or 1
     limit = MAX_WORKERS_PER_CORE * cores
-    if cfg.device == "cpu" and not under_torchrun() and cfg.process_count > limit:
+    torchrun = under_torchrun()
+    if cfg.device == "cpu" and not torchrun and cfg.process_count > limit:
         raise ConfigError(f"--workers {cfg.workers} is far beyond this machine's {cores} CPU cores (at most {limit} "
                           f"processes here); spread them over machines with torchrun")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else cfg.process_count
+    if cfg.threads is not None and cfg.threads * local > limit:
+        each = f" x {local} workers" if local > 1 else ""
+        raise ConfigError(f"--threads {cfg.threads}{each} is far beyond this machine's {cores} CPU cores "
+                          f"(at most {limit} threads in all here)")
 
 
 def check_batch(cfg: TrainConfig, train_size: int, data_name: str) -> None:
@@ -94,14 +126,19 @@ def check_batch(cfg: TrainConfig, train_size: int, data_name: str) -> None:
                           f"lower --batch")
 
 
-def check_image_size(model: torch.nn.Module, cfg: TrainConfig, channels: int, size: int) -> None:
+def check_image_size(cfg: TrainConfig, desc: ModelDescription) -> None:
     """One example through the network on the meta device: the shapes must fit."""
-    x = torch.empty(1, channels, size, size, device="meta")
+    from onetrick.models.vision import PREFIX
+
+    size = desc.image_size
+    x = torch.empty(1, desc.channels, size, size, device="meta")
     try:
         with torch.no_grad():
-            model.eval()(x)
-    except (RuntimeError, ValueError, IndexError) as err:
+            desc.model.eval()(x)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if cfg.model.startswith(PREFIX):   # models.check_model's line for torchvision's
+            raise ConfigError(f"{cfg.model} does not run on {size}x{size} images: {first}") from None
         raise ConfigError(f"--image-size {size} does not fit model {cfg.model!r} ({first})") from None
 
 
@@ -113,20 +150,19 @@ def check_lr_mult(model: torch.nn.Module, patterns: list[str]) -> None:
             raise ConfigError(f"--lr-mult {item!r} matches no parameter; names look like {names[0]!r}")
 
 
-def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -> None:
+def check_memory(cfg: TrainConfig, desc: ModelDescription) -> None:
     """Refuse, in one line naming both figures, a run whose predicted peak memory per worker
     (:func:`onetrick.perf.predict.memory.predict_memory`: parameters, gradients, momentum,
     activations at the batch, communication buffers and the transient copies, the model
-    on the meta device) exceeds what a worker has: ``--memory-per-worker``, or detected
+    as described on the meta device) exceeds what a worker has: ``--memory-per-worker``, or detected
     (CPU: this machine's available memory shared by its workers; CUDA: the GPU's memory).
     ``--strategy auto`` and ``--scheme auto`` are checked by the planner, which drops
-    every plan that does not fit. ``model``: a user's own (:func:`onetrick.fit`)."""
+    every plan that does not fit."""
     from onetrick.distributed.runtime import under_torchrun
     from onetrick.perf.measure.memory import available_memory, gb
-    from onetrick.perf.predict.activations import NetMemory
     from onetrick.perf.predict.memory import predict_for_config, variant_of
 
-    if cfg.strategy == "auto" or (cfg.strategy == "hybrid" and cfg.scheme == "auto"):
+    if cfg.strategy == "auto" or (cfg.strategy == "hybrid" and cfg.scheme == "auto") or desc.net is None:
         return
     torchrun = under_torchrun()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if torchrun else cfg.process_count
@@ -135,8 +171,7 @@ def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -
     if available is None:
         return
     try:
-        net = NetMemory.from_model(model, data.image_size, data.in_channels) if model is not None else None
-        pred = predict_for_config(cfg, data.num_classes, data.in_channels, data.image_size, net=net)
+        pred = predict_for_config(cfg, desc.classes, desc.channels, desc.image_size, net=desc.net)
     except (ValueError, RuntimeError, NotImplementedError, TypeError):
         return   # a model the meta device cannot describe: nothing to check against
     if pred.total <= available:
@@ -151,9 +186,3 @@ def check_memory(cfg: TrainConfig, data, model: torch.nn.Module | None = None) -
     raise ConfigError(f"{what} needs {gb(pred.total)} per worker (predicted peak, at {pred.peak_phase}: "
                       + ", ".join(f"{n} {gb(b)}" for n, b in largest)
                       + f"), {gb(available)} available ({source}); try {hint}")
-
-
-def _meta_model(cfg: TrainConfig, classes: int, channels: int) -> torch.nn.Module:
-    from onetrick.models import meta_model
-
-    return meta_model(cfg.model, num_classes=classes, in_channels=channels, dropout=cfg.dropout)

@@ -4,7 +4,10 @@ that survive restarts and resumes (:class:`Totals`), cuda-convnet2's per-layer s
 the crash hook the tests use.
 
 Everything written is valid JSON: a NaN or infinite value (a diverged loss) becomes
-``null``.
+``null``. Read back (:func:`read_records`), a line that begins like a record and does
+not parse is a write a crash cut short (left out by ``onetrick plot``); any other line
+that is not a record is damage, which ``plot`` refuses. A resumed run drops both,
+saying so in one line each.
 """
 from __future__ import annotations
 
@@ -12,11 +15,14 @@ import json
 import math
 import os
 import signal
+import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from onetrick.distributed.runtime import restart_attempt
 from onetrick.run.checkpoint import atomic_write_text
 
 CRASH_ENV = "ONETRICK_CRASH_AT"
@@ -26,16 +32,11 @@ class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss (``--on-nan stop``)."""
 
 
-def restart_count() -> int:
-    """How many times torch elastic has restarted this job (0 on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
 def maybe_crash(step: int, rank: int) -> None:
     """Testing hook: ONETRICK_CRASH_AT=STEP[:RANK] SIGKILLs this worker after that step
     of the first attempt, as a power cut would (no cleanup, no checkpoint)."""
     spec = os.environ.get(CRASH_ENV)
-    if spec and restart_count() == 0:
+    if spec and restart_attempt() == 0:
         at, _, who = spec.partition(":")
         if step == int(at) and rank == int(who or 0):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -181,16 +182,83 @@ class RunLog:
             atomic_write_text(Path(out) / "summary.json", to_json(summary, indent=2))
 
 
-def _records_up_to(path: Path, step: int) -> list[str]:
-    """The lines of ``path`` whose step is at most ``step`` (unreadable lines dropped)."""
-    if not path.is_file():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
+RECORD_START = '{"kind": '   # how every line RunLog writes begins (its records put "kind" first)
+
+
+@dataclass
+class Records:
+    """What :func:`read_records` found in a metrics.jsonl: its records, and the numbers
+    (from 1, as editors count) of the lines that are not records, cut or damaged."""
+
+    path: Path
+    lines: int = 0
+    records: list[dict] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)         # begun like a record, not finished: a crash mid-write
+    damaged: list[int] = field(default_factory=list)     # anything else that is not a record
+
+    def cut_note(self) -> str | None:
+        """One line saying which lines a crash cut short, or None."""
+        if not self.cut:
+            return None
+        if self.cut == [self.lines]:
+            return f"{self.path}: its last line was cut (a crash mid-write)"
+        return f"{self.path}: line {self.cut[0]}{_more(self.cut)} was cut (a crash mid-write)"
+
+    def damage(self) -> str | None:
+        """One line naming the first line that is neither a record nor a cut one, or None."""
+        if not self.damaged:
+            return None
+        return f"{self.path} line {self.damaged[0]}{_more(self.damaged)} is not a metrics record"
+
+
+def _more(numbers: list[int]) -> str:
+    return f" (and {len(numbers) - 1} more)" if len(numbers) > 1 else ""
+
+
+def _is_record(value) -> bool:
+    """A dict with a ``kind`` and an integer ``step``: what :class:`RunLog` writes."""
+    if not isinstance(value, dict):
+        return False
+    step = value.get("step")
+    return isinstance(value.get("kind"), str) and isinstance(step, int) and not isinstance(step, bool)
+
+
+def read_records(path: Path) -> Records:
+    """The records of the metrics.jsonl at ``path``, in file order, and where it is cut or
+    damaged. A line that begins as RunLog's do (:data:`RECORD_START`) and does not parse
+    was cut by a crash (the next attempt's lines may follow it). Bytes that are not UTF-8
+    read as U+FFFD: a garbage file shows as damaged lines, not as a decoding error."""
+    text = Path(path).read_text(errors="replace")
+    lines = text.split("\n")   # by newline alone, as RunLog writes them (and editors number them)
+    if lines[-1] == "":
+        lines.pop()
+    found = Records(Path(path), lines=len(lines))
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(to_json(record))
-    return kept
+            record = None
+        if _is_record(record):
+            found.records.append(record)
+        elif record is None and line.startswith(RECORD_START):
+            found.cut.append(number)
+        elif line.strip():
+            found.damaged.append(number)
+    return found
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` whose step is at most ``step``, for a resumed run. Lines a
+    crash cut, and damaged ones, are dropped with one line each on stderr: the run goes on."""
+    if not path.is_file():
+        return []
+    found = read_records(path)
+    for note in (found.cut_note(), found.damage()):
+        if note:
+            _warn(f"{note}; dropped")
+    return [to_json(r) for r in found.records if r["step"] <= step]
+
+
+def _warn(message: str) -> None:
+    """One line on stderr: a worker's console is the user's (no logging is configured there)."""
+    print(f"onetrick: warning: {message}", file=sys.stderr, flush=True)

@@ -9,11 +9,14 @@ Before any worker starts, :func:`prepare` settles where a run writes:
   ``metrics.jsonl``, ``summary.json``, ``run.json``) is refused in one line, unless
   ``--resume`` continues it or ``--overwrite`` removes onetrick's files there first
   (files onetrick did not write are left alone);
-- ``--resume`` needs a checkpoint of the same model and more steps than already done.
+- ``--resume`` needs a readable checkpoint that fits this run's model (its name, its
+  classes, every weight's shape, read from DCP's index against the launch's description)
+  and more steps than already done; a misfit is refused here, touching nothing.
 
 Worker 0 then writes ``run.json`` (:func:`begin`): the run id, new for a fresh run and kept
-across ``--resume`` and elastic restarts. Every checkpoint's ``meta.json`` carries it, and
-a restarted job resumes only checkpoints with its own id.
+across ``--resume`` and elastic restarts (every checkpoint's ``meta.json`` carries it, and
+a restarted job resumes only checkpoints with its own id), and the run's configuration,
+which ``eval`` rebuilds the model from when the run stopped before its summary.json.
 """
 from __future__ import annotations
 
@@ -23,12 +26,16 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onetrick.config import ConfigError, TrainConfig
+from onetrick.distributed.runtime import restart_attempt
 from onetrick.run import checkpoint
 from onetrick.run.checkpoint import CheckpointError, atomic_write_text
-from onetrick.run.records import restart_count
 from onetrick.run.worker_setup import total_steps_of
+
+if TYPE_CHECKING:
+    from onetrick.run.description import ModelDescription
 
 RUNS = Path("runs")
 LATEST = "latest"
@@ -39,15 +46,16 @@ HOLDS_RUN = ("checkpoints", "metrics.jsonl", "summary.json", RUN_FILE)
 OWN_FILES = (*HOLDS_RUN, "metrics.jsonl.tmp", "summary.json.tmp", "run.json.tmp", "model.pt", "tensorboard", "error.log")
 
 
-def prepare(cfg: TrainConfig) -> TrainConfig:
+def prepare(cfg: TrainConfig, desc: ModelDescription | None = None) -> TrainConfig:
     """Check and settle the run directory before any worker starts; return ``cfg`` with
-    ``out`` set. Raises ConfigError or CheckpointError with a one-line message."""
+    ``out`` set. Raises ConfigError or CheckpointError with a one-line message. ``desc``:
+    the launch's model, which a ``--resume``'s checkpoint must fit."""
     if cfg.out is None:
         cfg = cfg.replace(out=_resume_default() if cfg.resume else _fresh_default())
     out = Path(cfg.out)
     if cfg.resume:
-        _check_resume(out, cfg)
-    elif restart_count() == 0 and holds_run(out):  # under torchrun, a restart finds its own run here
+        _check_resume(out, cfg, desc)
+    elif restart_attempt() == 0 and holds_run(out):  # under torchrun, a restart finds its own run here
         if not cfg.overwrite:
             raise ConfigError(_refusal(out))
         remove_run(out)
@@ -90,11 +98,15 @@ def _refusal(out: Path) -> str:
             "(removes that run's files) or choose another --out")
 
 
-def _check_resume(out: Path, cfg: TrainConfig) -> None:
+def _check_resume(out: Path, cfg: TrainConfig, desc: ModelDescription | None) -> None:
+    """Touches nothing: a checkpoint this run does not fit is the configuration's fault."""
     if not out.is_dir():
         raise ConfigError(f"--resume given but run directory {out} does not exist")
-    checkpoint.check_compatible(out, cfg.model)
-    meta = checkpoint.latest_meta(out)
+    record = checkpoint.newest_record(out)   # the configuration first: whether its tensors read comes after
+    if record is not None:
+        _check_async_layout(out, record, cfg)
+    fit = (desc.model, desc.classes) if desc is not None else ()
+    meta = checkpoint.check_compatible(out, cfg.model, *fit)
     _check_async_layout(out, meta, cfg)
     if "train_examples" not in meta:  # a checkpoint from before this check: the worker stops at once instead
         return
@@ -169,9 +181,22 @@ def begin(cfg: TrainConfig, fresh: bool) -> str:
         meta = None if fresh else checkpoint.latest_meta(cfg.out)
         info = {"run_id": (meta or {}).get("run_id") or uuid.uuid4().hex[:12], "model": cfg.model,
                 "strategy": cfg.strategy, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    info.setdefault("config", config_record(cfg))
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(info, indent=2))
     return info["run_id"]
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """``cfg`` as JSON holds it (paths as strings)."""
+    return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+                                 default=str))
+
+
+def saved_config(out: Path) -> dict:
+    """The configuration run.json records (empty if none: a run from before it did)."""
+    saved = _read_json(Path(out) / RUN_FILE).get("config")
+    return saved if isinstance(saved, dict) else {}
 
 
 def run_id(out: Path) -> str | None:

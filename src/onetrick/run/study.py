@@ -90,9 +90,9 @@ def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
     """Train one row (or reuse its finished run, or resume its interrupted one from its
     newest checkpoint); return its summary."""
     from onetrick.run import checkpoint
-    from onetrick.run.train import train
+    from onetrick.run.train import train_validated
 
-    cfg = row.config(base, out)  # validated by run_study before the first row, and by train()
+    cfg = row.config(base, out)  # validated by run_study before the first row
     run_dir = Path(cfg.out)
     summary_path, row_path = run_dir / "summary.json", run_dir / ROW_FILE
     if summary_path.is_file():
@@ -105,14 +105,14 @@ def run_row(row: Row, base: TrainConfig, out: Path) -> dict:
     if row_path.is_file() and _matches(json.loads(row_path.read_text()), cfg) and checkpoint.candidates(run_dir):
         print(f"{row.name}: resuming the interrupted run in {cfg.out} ({what})", flush=True)
         try:
-            return train(cfg.replace(resume=True))
+            return train_validated(cfg.replace(resume=True))
         except checkpoint.CheckpointError as err:
             print(f"{row.name}: cannot resume ({err}); training it again", flush=True)
     print(f"{row.name}: training ({what})", flush=True)
     # The study owns its row directories: an unfinished or different run there is redone.
     run_dir.mkdir(parents=True, exist_ok=True)
     row_path.write_text(json.dumps(_wanted(cfg), indent=1))
-    return train(cfg.replace(overwrite=True))
+    return train_validated(cfg.replace(overwrite=True))
 
 
 def _lrs(row: Row, base: TrainConfig) -> tuple[float, float]:

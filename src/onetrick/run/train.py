@@ -1,8 +1,8 @@
 """The training loop: short, flat, the same for every synchronous strategy.
 
-:func:`train` checks the run directory (``rundir``), then chooses the loop: the
-asynchronous strategies run their own (``distributed/hogwild.py``,
-``distributed/paramserver.py``); every other strategy runs :func:`train_worker` on each
+:func:`train` checks the options, the model and the data (``preflight``) and the run
+directory (``rundir``), then chooses the loop: the asynchronous strategies run their own
+(``run/hogwild.py``, ``run/paramserver.py``); every other strategy runs :func:`train_worker` on each
 worker, and the strategy decides what a step means (which examples, which collectives,
 which updates). What a run writes and counts lives in ``records``; the data and the
 model every worker starts from in ``worker``. Worker 0 writes ``metrics.jsonl``,
@@ -11,13 +11,14 @@ model every worker starts from in ``worker``. Worker 0 writes ``metrics.jsonl``,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from onetrick.config import TrainConfig
-from onetrick.distributed.runtime import Runtime, launch
+from onetrick.distributed.runtime import Runtime, announce_restart, launch, restart_attempt
 from onetrick.distributed.strategy import StepStats, Strategy
 from onetrick.perf.measure.memory import gather_peaks, reset_peak
 from onetrick.perf.predict.memory import predicted_for_run
@@ -25,31 +26,44 @@ from onetrick.recipe import schedule_factor, set_lr, warmup_progress
 from onetrick.run import checkpoint, preflight, rundir
 from onetrick.run.checkpoint import CheckpointError
 from onetrick.run.evaluate import evaluate
-from onetrick.run.records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, restart_count, weights_copy
+from onetrick.run.records import NonFiniteLoss, RunLog, Totals, layer_stats, maybe_crash, weights_copy
 from onetrick.run.source import Source
 from onetrick.run.worker_setup import setup, steps_per_epoch, total_steps, train_batches
 
 
-def train(cfg: TrainConfig, source: Source | None = None) -> dict:
-    """Validate, settle the run directory, run the workers, return worker 0's summary.
+def train(cfg: TrainConfig, source: Source | None = None,
+          on_run_dir: Callable[[Path], None] | None = None) -> dict:
+    """Validate, check, settle the run directory, run the workers, return worker 0's summary.
     The CLI's ``train``; ``source`` (from :func:`onetrick.fit`) replaces ``cfg.model``
-    and ``cfg.data``."""
-    cfg.validate(builtin=source is None)
-    preflight.check(cfg, source)
+    and ``cfg.data``. Before any worker starts, the options are validated once, and the
+    model is described once (``preflight.check``, ``run/description.py``): every check, the
+    planner and the memory prediction read that description. ``on_run_dir`` is told the run
+    directory once it is settled (the CLI's Ctrl-C line names it)."""
+    return train_validated(cfg.validate(), source, on_run_dir)
+
+
+def train_validated(cfg: TrainConfig, source: Source | None = None,
+                    on_run_dir: Callable[[Path], None] | None = None) -> dict:
+    """:func:`train` of a config already validated: :func:`onetrick.fit` validates its
+    own among its other checks, and a launch validates once."""
+    desc = preflight.check(cfg, source)
     if cfg.strategy == "auto" or cfg.scheme == "auto":   # planned once, here, before any worker starts
         from onetrick.run.auto import resolve_auto
 
-        cfg = resolve_auto(cfg).validate(builtin=source is None)
-    cfg = rundir.prepare(cfg)
+        cfg = preflight.check_planned(resolve_auto(cfg, desc), desc)
+    cfg = rundir.prepare(cfg, desc)
+    if on_run_dir is not None:
+        on_run_dir(cfg.out)
     if cfg.strategy == "hogwild":
-        from onetrick.distributed.hogwild import train_hogwild
+        from onetrick.run.hogwild import train_hogwild
 
         return train_hogwild(cfg, source)
     if cfg.strategy == "paramserver":
-        from onetrick.distributed.paramserver import train_paramserver
+        from onetrick.run.paramserver import train_paramserver
 
         return train_paramserver(cfg, source)
-    results = launch(train_worker, cfg, source)
+    predicted = predicted_for_run(cfg, desc.net) if source is None else None   # the cost model's figure, by part
+    results = launch(train_worker, cfg, source, predicted)
     return results[min(results)] if 0 not in results else results[0]
 
 
@@ -61,11 +75,11 @@ def start(rt: Runtime, cfg: TrainConfig, strategy: Strategy) -> tuple[int, Total
     run's newest checkpoint (never another run's), so at most the steps since it are lost.
     """
     if rt.is_main:
-        rundir.begin(cfg, fresh=not cfg.resume and restart_count() == 0)
+        rundir.begin(cfg, fresh=not cfg.resume and restart_attempt() == 0)
     checkpoint.barrier()
     run_id = rundir.run_id(cfg.out)
     own = None if cfg.resume else run_id
-    if not (cfg.resume or (restart_count() > 0 and checkpoint.candidates(cfg.out, own))):
+    if not (cfg.resume or (restart_attempt() > 0 and checkpoint.candidates(cfg.out, own))):
         torch.manual_seed(cfg.seed * 1000 + strategy.data_rank + 1)  # augmentation/dropout stream per data shard
         return 0, Totals(), run_id
     state = strategy.state_dict()
@@ -90,11 +104,14 @@ def check_finite(seen: dict, cfg: TrainConfig) -> None:
         raise NonFiniteLoss(f"non-finite loss at step {seen['first_nonfinite_step']}; weights left at {where}")
 
 
-def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) -> dict:
+def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None, predicted: dict | None = None) -> dict:
+    """One worker's run of a synchronous strategy; worker 0's summary carries ``predicted``
+    (summary.json's ``predicted_memory``, computed by the launcher from its description)."""
     reset_peak(rt.device)   # this worker's own peak, from here (a one-worker run is the launcher's process)
     data, strategy = setup(rt, cfg, source)
     total, per_epoch = total_steps(data, cfg), steps_per_epoch(data, cfg)
     step, totals, run_id = start(rt, cfg, strategy)
+    announce_restart(rt, step)   # after a worker died (--max-restarts): one line, by worker 0
     if step >= total:  # checkpoints too old to carry train_examples for rundir's check
         raise CheckpointError(f"--resume: the run in {cfg.out} is at step {step}; ask for more --steps or --epochs")
     log = RunLog(cfg.out, rt.is_main, resumed_at=step if step else None, tensorboard=cfg.tensorboard)
@@ -163,7 +180,7 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None) ->
                "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_worker": peaks,
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}}
     if rt.is_main and source is None:   # the cost model's figure for this run, by part
-        summary["predicted_memory"] = predicted_for_run(cfg, data)
+        summary["predicted_memory"] = predicted
     if cfg.plan:   # --strategy/--scheme auto: the plan, its prediction and this run's measured step
         summary["plan"] = {**cfg.plan, "measured_step_ms": _median_ms(step_times[1:] or step_times)}
     log.summary(cfg.out, summary)

@@ -2,7 +2,7 @@
 
 For each bench row the prediction uses the run's measured link
 (:meth:`~onetrick.perf.predict.step.Link.from_measured`), per-layer costs timed here
-(:class:`~onetrick.perf.predict.compute.MeasuredCosts`, or none at all with ``bytes_only``), and,
+(:class:`~onetrick.perf.measure.block_times.MeasuredCosts`, or none at all with ``bytes_only``), and,
 as the only input taken from the bench's timings, the compute slowdown of K workers
 sharing the machine: the ``independent`` row's step over the ``single`` step.
 """
@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from onetrick.perf.bench.report import bench_row
+from onetrick.perf.measure.block_times import MeasuredCosts
 from onetrick.perf.predict.blocks import model_blocks
-from onetrick.perf.predict.compute import MeasuredCosts, ZeroCosts
+from onetrick.perf.predict.compute import ZeroCosts
 from onetrick.perf.predict.step import Link, Variant, images_per_step, predict
 
 __all__ = ["validate"]

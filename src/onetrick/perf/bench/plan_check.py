@@ -6,9 +6,9 @@ The bench runs ``single``, ``independent`` and every runnable candidate of
 examples, hybrid a/b/c, FC batch K*B) at each K. Then, per K, the planner plans with
 what it would have at start-up: layer costs timed here
 (:func:`~onetrick.perf.planner.measured_costs`) and the link between K workers measured
-here (:func:`~onetrick.perf.measure.links.measured_link`: the idle link, each op's bandwidth, the
-busy workers' cost per rendezvous and per MB overlapped); plus, from the bench, the
-machine's speed during the bench against its speed now (the ``single`` row over its
+here (:func:`~onetrick.perf.measure.shared_host.measured_link`: the idle link, each op's
+bandwidth, the busy workers' cost per rendezvous and per MB overlapped); plus, from the
+bench (:func:`~onetrick.perf.measure.shared_host.calibration`), the machine's speed during the bench against its speed now (the ``single`` row over its
 prediction), by which compute and the probe's wall times are scaled, and what K workers
 lose to each other per step (the ``independent`` row, K workers that never communicate,
 less what time-sharing the cores explains), added to every candidate's step; so the pick
@@ -22,8 +22,8 @@ the jobs that do not, and the planner drops them.
 from __future__ import annotations
 
 from onetrick.perf.bench.report import bench_row
-from onetrick.perf.measure.links import measured_link
-from onetrick.perf.planner import make_plan, measured_costs, plan_memory, time_share
+from onetrick.perf.measure.shared_host import calibration, measured_link
+from onetrick.perf.planner import make_plan, measured_costs, plan_memory
 from onetrick.perf.predict.step import Link, Variant, predict
 
 __all__ = ["PLAN_STRATEGIES", "plan_report", "validate_plan"]
@@ -41,26 +41,11 @@ def _classes(data: str) -> int:
 
 def _calibration(rows: list[dict], k: int, threads: int, cores: int | None, single_ms: float
                  ) -> tuple[float, float, float]:
-    """``(drift, share, contention_ms)`` for K workers, from the bench's own rows:
-
-    * ``drift``: how much faster this machine ran the bench's one-worker step than the
-      layer timings taken now predict it (a validation recomputed later, or in another
-      minute of this shared VM, whose speed moved by up to 50% between two rounds of one
-      bench). Compute and the probe's wall times are scaled by it to the bench's speed;
-      1 without a one-worker row.
-    * ``share``: K workers of ``threads`` threads time-sharing the cores, as the live
-      planner charges it (``plan.time_share``): every compute ``max(1, K*T/cores)`` times longer.
-    * ``contention_ms``: what K workers lose to each other beyond that, per step: the
-      ``independent`` row (K workers, no communication) less ``share`` one-worker steps.
-      Charged to every candidate alike, it leaves the pick the live planner's: two
-      resnet18 workers lost 13 ms a step to each other at B=16 and 10 at 32, a loss per
-      step, which as a factor on compute over-charged model parallelism's K*B rows.
-    """
+    """``(drift, share, contention_ms)`` for K workers from the bench's ``single`` and
+    ``independent`` rows (:func:`~onetrick.perf.measure.shared_host.calibration`)."""
     single, ind = bench_row(rows, "single", 1), bench_row(rows, "independent", k)
-    drift = single["step_ms"] / single_ms if single else 1.0
-    share = time_share(k, threads, cores) if cores else 1.0
-    contention_ms = ind["step_ms"] - share * single["step_ms"] if ind and single else 0.0
-    return drift, share, contention_ms
+    return calibration(single["step_ms"] if single else None, ind["step_ms"] if ind else None, k, threads, cores,
+                       single_ms)
 
 
 def validate_plan(result: dict) -> dict:

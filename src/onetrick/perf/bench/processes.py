@@ -3,7 +3,8 @@
 :func:`bench_worker` times barrier-bracketed training steps of one strategy (and a plain
 PyTorch loop beside the one-worker strategy); :func:`link_worker` measures the link
 (latency, bandwidth, the fixed cost of a tiny collective). The probes: this CPU's matmul
-FLOP/s, the cores other processes keep busy (``/proc/stat``), the machine's description.
+FLOP/s, the GPU's name, the machine's description (the cores other processes keep busy
+are :mod:`~onetrick.perf.measure.shared_host`'s).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from onetrick.config import TrainConfig
+from onetrick.perf.measure.shared_host import machine_busy_s
 
-__all__ = ["bench_worker", "foreign_load", "gpu_name", "link_worker", "machine_busy_s", "machine_info", "matmul_gflops",
-           "wait_quiet"]
+__all__ = ["bench_worker", "gpu_name", "link_worker", "machine_info", "matmul_gflops"]
 
 
 def _batches(data, rank: int, world: int, batch: int, count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -167,37 +168,6 @@ def link_worker(rt, cfg: TrainConfig, nbytes: int, reps: int) -> dict:
     if rt.rank == 0:
         out["collective_us"] = {op: statistics.median(v[1:]) * 1e6 for op, v in coll.items()}
     return out
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores of this machine have been busy since boot (/proc/stat);
-    0.0 where /proc/stat is missing."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()[1:]
-    except OSError:
-        return 0.0
-    v = [int(x) for x in fields]
-    busy = v[0] + v[1] + v[2] + sum(v[5:8])      # user nice system irq softirq steal (guest is in user)
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def foreign_load(seconds: float = 1.0) -> float:
-    """Cores kept busy by *other* processes over ``seconds`` (this process sleeping)."""
-    b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
-    time.sleep(seconds)
-    return max(0.0, (machine_busy_s() - b0 - (time.process_time() - c0)) / (time.perf_counter() - t0))
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.3, log=print) -> float:
-    """Wait (up to ``max_wait`` s) until other processes use under ``threshold`` cores."""
-    deadline = time.monotonic() + max_wait
-    load = foreign_load()
-    while load >= threshold and time.monotonic() < deadline:
-        log(f"  waiting for a quiet machine: other processes use {load:.1f} cores")
-        time.sleep(4.0)
-        load = foreign_load()
-    return load
 
 
 def matmul_gflops(threads: int = 1, n: int = 2048, reps: int = 5) -> float:

@@ -35,8 +35,9 @@ the median over steps is reported. Per row:
   Waiting for a slower peer counts as exposed, so on a fast link (tiny estimate) this
   reads low.
 
-The tables are written by :mod:`onetrick.perf.bench.report`; the code that runs inside the
-workers is :mod:`onetrick.perf.bench.processes`.
+What to run is a :class:`~onetrick.perf.bench.jobs.BenchSpec`, expanded into jobs by
+:mod:`onetrick.perf.bench.jobs`. The tables are written by :mod:`onetrick.perf.bench.report`;
+the code that runs inside the workers is :mod:`onetrick.perf.bench.processes`.
 
 The one-worker job also times a plain PyTorch loop over the same model and batch
 (``torch.optim.SGD``, ``F.cross_entropy``, nothing of onetrick), interleaved step by step
@@ -52,7 +53,6 @@ link (about 1 TFLOP/s per 6 GB/s of PCIe), from a matmul timed at the start.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -65,14 +65,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from onetrick.config import ConfigError, TrainConfig
+from onetrick.config import TrainConfig
+from onetrick.perf.bench.jobs import BenchSpec, Job, expand_jobs
 from onetrick.perf.bench.memory_columns import fitting_jobs, memory_columns
-from onetrick.perf.bench.processes import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops, wait_quiet
+from onetrick.perf.bench.processes import bench_worker, gpu_name, link_worker, machine_info, matmul_gflops
 from onetrick.perf.bench.report import bench_row, fmt
+from onetrick.perf.measure.shared_host import wait_quiet
 from onetrick.perf.predict.hardware import link_mbps
-from onetrick.perf.predict.step import variant_label
 
-__all__ = ["PAPER_FLOP_PER_BYTE", "Job", "expand_jobs", "resolve_link", "run_bench"]
+__all__ = ["PAPER_FLOP_PER_BYTE", "resolve_link", "run_bench"]
 
 #: the paper's machine: ~1 TFLOP/s achieved per GPU per ~6 GB/s of PCIe 3
 PAPER_FLOP_PER_BYTE = 1e12 / 6e9
@@ -151,73 +152,6 @@ def _worker_main(spec_path: str) -> int:
     return 0
 
 
-@dataclasses.dataclass
-class Job:
-    """One configuration to time: a strategy (or ``independent``) at K workers."""
-
-    strategy: str
-    workers: int
-    sync: str | None = None
-    scheme: str | None = None
-    fc_batch: str = "full"
-    baseline: bool = False
-    batch: int | None = None     # per-worker batch, when not bench's --batch (model parallelism at K*B)
-    precision: str = "fp32"
-    comm_dtype: str = "fp32"
-
-    @property
-    def label(self) -> str:
-        if self.strategy == "independent":
-            base = "independent (no comm)"
-        else:
-            base = variant_label(self.strategy, self.sync, self.scheme, self.fc_batch)
-        return base + ("/bf16" if self.precision == "bf16" else "") + ("/bf16-wire" if self.comm_dtype == "bf16" else "")
-
-
-def expand_jobs(strategies: list[str], workers: list[int], syncs: list[str], schemes: list[str],
-                fc_batches: list[str], baseline: bool = True, precisions: tuple[str, ...] = ("fp32",),
-                comm_dtypes: tuple[str, ...] = ("fp32",), all_at_one: bool = False) -> list[Job]:
-    """The jobs of a bench run: ``single`` at K=1 (with the plain PyTorch ``baseline``),
-    every strategy x variant at every other K (``all_at_one``: at K=1 too), each at every
-    precision x wire dtype (the first of each is the reference row's)."""
-    jobs = _expand(strategies, workers, syncs, schemes, fc_batches, baseline, all_at_one)
-    out = []
-    for p in precisions:
-        for c in comm_dtypes:
-            out += [dataclasses.replace(j, precision=p, comm_dtype=c) for j in jobs
-                    if not (c != comm_dtypes[0] and j.workers == 1)]  # one worker: no wire to halve
-    return out
-
-
-def _expand(strategies: list[str], workers: list[int], syncs: list[str], schemes: list[str],
-            fc_batches: list[str], baseline: bool, all_at_one: bool) -> list[Job]:
-    for s in strategies:
-        if s not in ("single", "independent", "data", "model", "hybrid"):
-            raise ConfigError(f"bench times single, independent, data, model and hybrid (got {s!r}); "
-                              "hogwild and paramserver have no synchronous step to time")
-    jobs = []
-    for k in workers:
-        if k < 1:
-            raise ConfigError(f"--workers must be at least 1 (got {k})")
-        if k == 1:
-            jobs.append(Job("single", 1, baseline=baseline))
-            if not all_at_one:
-                continue
-        for s in strategies:
-            if k == 1 and s in ("single", "independent"):
-                continue
-            if s == "independent":
-                jobs.append(Job("independent", k))
-            elif s == "data":
-                jobs += [Job("data", k, sync=sy) for sy in syncs]
-            elif s == "model":
-                jobs.append(Job("model", k))
-            elif s == "hybrid":
-                jobs += [Job("hybrid", k, scheme=sc, fc_batch=fb) for sc in schemes for fb in fc_batches
-                         if not (sc == "a" and fb == "worker")]
-    return jobs
-
-
 def _batch_pair(job: Job, b: int) -> str:
     k = job.workers
     if job.strategy in ("single", "model"):
@@ -237,44 +171,43 @@ def resolve_link(value: str | None, gflops: float) -> tuple[float | None, str]:
     return mbps, f"{mbps:g} Mbit/s shaped ({gflops * 1e9 / (mbps * 1e6 / 8):.0f} FLOP per byte at {gflops:.1f} GFLOP/s)"
 
 
-def run_bench(args: argparse.Namespace, log=print) -> dict:
-    """Run every job of ``args`` (``onetrick bench``'s options) ``args.rounds`` times,
+def run_bench(spec: BenchSpec, log=print) -> dict:
+    """Run every job of ``spec`` (``onetrick bench``'s options) ``spec.rounds`` times,
     interleaved, locally or over a shaped network; return the result dict (machine,
     link, one row per configuration) that :mod:`onetrick.perf.bench.report` writes."""
     from onetrick.models import input_size
 
-    image = args.image_size or input_size(args.model)
-    jobs = expand_jobs(args.strategies, args.workers, args.sync, args.scheme, args.fc_batch, not args.no_baseline,
-                       tuple(getattr(args, "precision", None) or ["fp32"]),
-                       tuple(getattr(args, "comm_dtype", None) or ["fp32"]), getattr(args, "all_at_one", False))
-    if getattr(args, "validate_plan", False):   # the planner's model parallelism: K*B examples, the same SGD
+    image = spec.image_size or input_size(spec.model)
+    jobs = expand_jobs(spec.strategies, spec.workers, spec.sync, spec.scheme, spec.fc_batch, not spec.no_baseline,
+                       tuple(spec.precision or ["fp32"]), tuple(spec.comm_dtype or ["fp32"]), spec.all_at_one)
+    if spec.validate_plan:   # the planner's model parallelism: K*B examples, the same SGD
         for job in jobs:
-            job.batch = job.workers * args.batch if job.strategy == "model" else None
-    base = TrainConfig(model=args.model, data=args.data, image_size=image, batch=args.batch, threads=args.threads,
-                       timeout_s=args.timeout, seed=args.seed, dropout=args.dropout, progress=False,
-                       device=getattr(args, "device", "cpu"))
+            job.batch = job.workers * spec.batch if job.strategy == "model" else None
+    base = TrainConfig(model=spec.model, data=spec.data, image_size=image, batch=spec.batch, threads=spec.threads,
+                       timeout_s=spec.timeout, seed=spec.seed, dropout=spec.dropout, progress=False,
+                       device=spec.device)
     cfgs = []
     for job in jobs:
         if job.strategy == "independent":   # K processes, each the one-worker strategy, no communication
             cfg = base.replace(strategy="single", workers=1, precision=job.precision)
         else:
             cfg = base.replace(strategy=job.strategy, workers=job.workers, sync=job.sync or "ddp", scheme=job.scheme,
-                               fc_batch=job.fc_batch, batch=job.batch or args.batch, precision=job.precision,
+                               fc_batch=job.fc_batch, batch=job.batch or spec.batch, precision=job.precision,
                                comm_dtype=job.comm_dtype)
         cfgs.append(cfg.validate())
-    jobs, cfgs, predicted, skipped = fitting_jobs(jobs, cfgs, log, getattr(args, "memory_per_worker", None))
-    gflops = matmul_gflops(args.threads)
-    mbps, link_note = resolve_link(args.link_mbps, gflops)
+    jobs, cfgs, predicted, skipped = fitting_jobs(jobs, cfgs, log, spec.memory_per_worker)
+    gflops = matmul_gflops(spec.threads)
+    mbps, link_note = resolve_link(spec.link_mbps, gflops)
     kmax = max(j.workers for j in jobs)
     load_before = os.getloadavg()
-    result = {"command": None, "machine": machine_info(), "model": args.model, "image_size": image, "data": args.data,
-              "batch": args.batch, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
-              "device": base.device, "gpu": gpu_name(base.device), "rounds": args.rounds,
+    result = {"command": None, "machine": machine_info(), "model": spec.model, "image_size": image, "data": spec.data,
+              "batch": spec.batch, "threads": spec.threads, "steps": spec.steps, "warmup": spec.warmup,
+              "device": base.device, "gpu": gpu_name(base.device), "rounds": spec.rounds,
               "cpu_gflops_per_worker": gflops, "paper_flop_per_byte": PAPER_FLOP_PER_BYTE,
               "link": {"shaped_mbps": mbps, "note": link_note,
                        "kind": "network namespaces, veth + bridge, tc tbf" if mbps else "one host (loopback)"},
               "load_before": load_before, "rows": [], "baseline": None, "skipped": skipped,
-              "memory_per_worker": getattr(args, "memory_per_worker", None)}
+              "memory_per_worker": spec.memory_per_worker}
     net = None
     old_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -290,33 +223,33 @@ def run_bench(args: argparse.Namespace, log=print) -> dict:
             nonlocal port
             port += 1
             if net and k > 1:
-                return _run_netns(net, cfg, fn, fargs, k, args.timeout + 120, port)
+                return _run_netns(net, cfg, fn, fargs, k, spec.timeout + 120, port)
             return _run_local(cfg, fn, fargs, k)
 
         probe = 64 * 2**20 if not mbps else int(min(64 * 2**20, max(2**20, mbps * 1e6 / 8 * 0.5)))
         probed = False
         tried: list[list[dict]] = [[] for _ in jobs]
-        for rnd in range(args.rounds):
+        for rnd in range(spec.rounds):
             for idx, (job, cfg) in enumerate(zip(jobs, cfgs)):
-                if args.quiet_wait:
-                    wait_quiet(args.quiet_wait, log=log)
+                if spec.quiet_wait:
+                    wait_quiet(spec.quiet_wait, log=log)
                 t0 = time.time()
-                spec = {"warmup": args.warmup, "steps": args.steps, "baseline": job.baseline}
+                job_spec = {"warmup": spec.warmup, "steps": spec.steps, "baseline": job.baseline}
                 if job.workers > 1 and not probed:   # the first multi-worker job measures the link
-                    spec["link_probe"] = [probe, 3]
-                res = run(cfg, "bench", [spec], job.workers)
-                if spec.get("link_probe"):
+                    job_spec["link_probe"] = [probe, 3]
+                res = run(cfg, "bench", [job_spec], job.workers)
+                if job_spec.get("link_probe"):
                     probed = True
                     lk = res[0]["link"]
                     result["link"].update(lk)
                     log(f"link: measured {lk['measured_mbps']:.0f} Mbit/s, latency {lk['latency_us']:.0f} us ({link_note})")
-                row = _summarize(job, job.batch or args.batch, res, predicted[idx])
+                row = _summarize(job, job.batch or spec.batch, res, predicted[idx])
                 row["round"] = rnd
                 if job.baseline and res[0]["plain_s"]:
                     plain = statistics.median(res[0]["plain_s"]) * 1e3
                     row["baseline"] = {"torch_loop_step_ms": plain, "onetrick_step_ms": row["step_ms"],
                                        "tax": row["step_ms"] / plain - 1,
-                                       "torch_loop_images_per_s": args.batch / plain * 1e3,
+                                       "torch_loop_images_per_s": spec.batch / plain * 1e3,
                                        "torch_loop_step_ms_all": [s * 1e3 for s in res[0]["plain_s"]]}
                 tried[idx].append(row)
                 log(f"{row['label']:>16} K={job.workers} round {rnd + 1}: {row['step_ms']:.1f} ms/step, "

@@ -17,12 +17,18 @@ done, so a one-block trunk would send every trunk gradient after the whole backw
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["Block", "activation_bytes", "describe", "model_blocks", "numel"]
+__all__ = ["TIMED_CLASSES", "Block", "activation_bytes", "describe", "model_blocks", "numel"]
+
+#: the widest classifier :func:`model_blocks` builds for real (a wider one is described on
+#: the meta device): what :class:`~onetrick.perf.measure.block_times.MeasuredCosts` times a
+#: whole step at
+TIMED_CLASSES = 1000
 
 
 @dataclass
@@ -139,15 +145,20 @@ def _trunk_blocks(trunk: nn.Module, x: torch.Tensor) -> tuple[list[Block], torch
     return blocks, torch.flatten(x, 1)
 
 
-def describe(model: nn.Module, image_size: int, in_channels: int = 3) -> list[Block]:
-    """Blocks of a :class:`~onetrick.models.TrunkHeadNet`, trunk then head."""
+def describe(model: nn.Module, image_size: int, in_channels: int = 3, classes: int | None = None) -> list[Block]:
+    """Blocks of a :class:`~onetrick.models.TrunkHeadNet`, trunk then head, real or on the
+    meta device (the same shapes and multiply-adds, and a 10^7-class head costs nothing).
+    ``classes``: describe the classifier (the head's last Linear) this wide, on the meta
+    device, instead of as built (:func:`model_blocks`: a real model to time, built narrow)."""
     was_training = model.training
     model.eval()
-    blocks, x = _trunk_blocks(model.trunk, torch.zeros(1, in_channels, image_size, image_size))
-    for name, mods in _group(model.head, "head"):
+    image = torch.zeros(1, in_channels, image_size, image_size, device=_device(model, torch.device("cpu")))
+    blocks, x = _trunk_blocks(model.trunk, image)
+    head = model.head if classes is None else _widened(model.head, classes)
+    for name, mods in _group(head, "head"):
         seq = nn.Sequential(*[m for _, m in mods])
         params = [(f"head.{n}.{p}", q.numel()) for n, m in mods for p, q in m.named_parameters()]
-        out, macs = _macs(seq, x)
+        out, macs = _macs(seq, x.to(_device(seq, x.device)))
         lin = mods[0][1]
         linear = (lin.in_features, lin.out_features) if isinstance(lin, nn.Linear) else None
         blocks.append(Block(name, "head", seq, params, macs, tuple(x.shape[1:]), tuple(out.shape[1:]), linear,
@@ -157,15 +168,37 @@ def describe(model: nn.Module, image_size: int, in_channels: int = 3) -> list[Bl
     return blocks
 
 
-def model_blocks(model_name: str, classes: int, image_size: int, with_model: bool = False):
-    """Blocks of a named model (seed 0, 3 input channels); with ``with_model`` also the
-    model itself, ``(blocks, model)``, for costs that time the whole network."""
-    from onetrick.models import build_model
+def _device(module: nn.Module, default: torch.device) -> torch.device:
+    """Where ``module``'s parameters are (``default`` for a module without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else default
 
+
+def _widened(head: nn.Sequential, classes: int) -> nn.Sequential:
+    """``head`` with its classifier (its last Linear) rebuilt ``classes`` wide on the meta
+    device, its other layers shared."""
+    layers = list(head.named_children())
+    i = max(j for j, (_, m) in enumerate(layers) if isinstance(m, nn.Linear))
+    name, lin = layers[i]
+    layers[i] = (name, nn.Linear(lin.in_features, classes, bias=lin.bias is not None, device="meta"))
+    return nn.Sequential(OrderedDict(layers)).train(head.training)
+
+
+def model_blocks(model_name: str, classes: int, image_size: int, with_model: bool = False, channels: int = 3):
+    """Blocks of a named model, described on the meta device (nothing allocated: shapes and
+    multiply-adds are all a FLOP count needs). With ``with_model``, ``(blocks, model)`` for
+    costs timed on this machine: the model real (seed 0) but its classifier at most
+    :data:`TIMED_CLASSES` wide, the blocks' classifier at the full width on the meta device.
+    Time what is real and scale the rest (:mod:`~onetrick.perf.measure.block_times`): a
+    10^6-class resnet50 built whole held 8 GB of classifier weights before anything was
+    timed, and the planner that says whether a plan fits ran out of memory first."""
+    from onetrick.models import build_model, meta_model
+
+    if not with_model:
+        return describe(meta_model(model_name, classes, channels), image_size, channels)
     torch.manual_seed(0)
-    model = build_model(model_name, classes, 3)
-    blocks = describe(model, image_size, 3)
-    return (blocks, model) if with_model else blocks
+    model = build_model(model_name, min(classes, TIMED_CLASSES), channels)
+    return describe(model, image_size, channels, classes if classes > TIMED_CLASSES else None), model
 
 
 def activation_bytes(sent: dict) -> float:

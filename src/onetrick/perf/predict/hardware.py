@@ -32,15 +32,20 @@ LINKS = {NAMED_LINKS[n]["title"]: NAMED_LINKS[n]["gbps"] for n in ("nvlink4", "p
 #: processes, probed by ``plan``, unlimited at 50 us per message in ``simulate``)
 PROFILES = {
     "gtx-titan": {"peak_flops": 4.5e12, "efficiency": 0.4, "mem_gbs": 288.0, "link": "pcie3",
-                      "note": "GTX Titan (Kepler, 2013): 4.5 TFLOP/s fp32 peak, 288 GB/s; PCIe 3 x16 ~6 GB/s"},
+                      "note": "fp32. GTX Titan (Kepler, 2013): 4.5 TFLOP/s peak and 288 GB/s from the spec sheet; "
+                              "40% of peak achieved: assumed, not measured; link PCIe 3 x16 ~6 GB/s (assumed)"},
     "k20": {"peak_flops": 3.5e12, "efficiency": 0.4, "mem_gbs": 208.0, "link": "pcie3",
-                "note": "Tesla K20x: 3.9 TFLOP/s fp32 peak (3.5 sustained clocks), 250 GB/s; PCIe 3"},
+                "note": "fp32. Tesla K20: 3.5 TFLOP/s peak and 208 GB/s from the spec sheet (the K20x's: 3.9 and "
+                        "250); 40% of peak achieved: assumed, not measured; link PCIe 3 (assumed)"},
     "a100-pcie": {"peak_flops": 19.5e12, "efficiency": 0.5, "mem_gbs": 1555.0, "link": "pcie4",
-                      "note": "A100 fp32 (no TF32): 19.5 TFLOP/s, 1.5 TB/s; PCIe 4 x16 ~25 GB/s"},
+                      "note": "fp32 without TF32. A100 PCIe: 19.5 TFLOP/s peak and 1.5 TB/s from the spec sheet; "
+                              "50% of peak achieved: assumed, not measured; link PCIe 4 x16 ~25 GB/s (assumed)"},
     "h100": {"peak_flops": 67e12, "efficiency": 0.5, "mem_gbs": 3350.0, "link": "nvlink4",
-             "note": "H100 80GB SXM, times measured on one (torch 2.11, AlexNet B=128 224px, cudnn.benchmark): per "
-                     "block from FLOP counts, scaled so trunk and head match the measured ones; link: NVLink 4 "
-                     "~450 GB/s per direction per GPU (assumed)",
+             "note": "fp32 without TF32 (simulate --precision bf16: the measured bf16 times). H100 80GB SXM: 67 "
+                     "TFLOP/s peak and 3.35 TB/s from the spec sheet; 50% of peak achieved: assumed (plan's FLOP "
+                     "counts); the measured times, calibrated on AlexNet B=128 224px on one H100 alone (torch 2.11, "
+                     "cudnn.benchmark; simulate splits them per block by FLOP): fp32 step 13.3 ms, trunk 10.9, head "
+                     "1.65; bf16 10.6, 9.2, 1.7; link: NVLink 4 ~450 GB/s per direction per GPU (assumed)",
              "measured": {"batch": 128, "fp32": {"step_ms": 13.3, "trunk_ms": 10.9, "head_ms": 1.65},
                           "bf16": {"step_ms": 10.6, "trunk_ms": 9.2, "head_ms": 1.7}}},
     "this-device": {"peak_flops": None, "efficiency": None, "mem_gbs": None, "link": "measured", "link_gbps": None,

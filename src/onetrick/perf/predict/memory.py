@@ -245,8 +245,9 @@ def variant_of(cfg):
 
 def predict_for_config(cfg, classes: int, channels: int, image_size: int, run: str = "train",
                        baseline: bool = False, net: NetMemory | None = None) -> MemoryPrediction:
-    """:func:`predict_memory` of a TrainConfig's run: its model on the meta device, or
-    ``net`` (a user's own model, :meth:`NetMemory.from_model`)."""
+    """:func:`predict_memory` of a TrainConfig's run: ``net``, the network already
+    described (:meth:`NetMemory.from_model`: a launch's, or a user's own model), or else
+    its model built here on the meta device."""
     net = net or net_memory(cfg.model, classes, channels, image_size, cfg.dropout)
     if cfg.strategy in ("hogwild", "paramserver"):
         return async_memory(net, cfg)
@@ -273,10 +274,13 @@ def async_memory(net: NetMemory, cfg) -> MemoryPrediction:
                             [f"{cfg.strategy}: rough (its own layout; not calibrated)"])
 
 
-def predicted_for_run(cfg, data) -> dict | None:
-    """summary.json's ``predicted_memory``: the prediction of this run, by part (None where
-    the model cannot be described on the meta device)."""
+def predicted_for_run(cfg, net: NetMemory | None) -> dict | None:
+    """summary.json's ``predicted_memory``: the prediction of this run, by part, from its
+    network as the launcher described it (None where the meta device cannot describe it)."""
+    if net is None:
+        return None
+    channels, image_size, _ = net.in_shape
     try:
-        return predict_for_config(cfg, data.num_classes, data.in_channels, data.image_size).as_dict()
+        return predict_for_config(cfg, net.classes, channels, image_size, net=net).as_dict()
     except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError):
         return None

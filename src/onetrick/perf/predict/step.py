@@ -26,7 +26,7 @@ compute time (K workers sharing cores or memory bandwidth).
 Every rendezvous (a synchronous collective, or a wait on one still in flight) costs
 ``Link.sync_us`` more where K workers time-share fewer cores than they have threads: a
 peer may be descheduled behind another worker's compute, and the collective completes
-only when it has taken its turn (measured, not derived: :mod:`~onetrick.perf.measure.links`).
+only when it has taken its turn (measured, not derived: :mod:`~onetrick.perf.measure.shared_host`).
 An asynchronous collective lengthens the compute it overlaps by ``Link.overlap_us_per_mb``
 per MB sent (gloo's copies and sums on the same cores). The bucketed strategies also
 copy gradients on the worker (``CostProvider.copy``): DDP each gradient into its bucket
@@ -98,8 +98,8 @@ class Link:
     gbps: float | None = None
     latency_us: float = 0.0
     collective_us: float = 0.0
-    sync_us: float = 0.0   # extra wait at each rendezvous when K workers time-share fewer cores (probe.busy_sync_us)
-    overlap_us_per_mb: float = 0.0   # compute an overlapped collective steals per MB sent (probe.overlap_us_per_mb)
+    sync_us: float = 0.0   # extra wait at each rendezvous when K workers time-share fewer cores (shared_host.busy_sync_us)
+    overlap_us_per_mb: float = 0.0   # compute an overlapped collective steals per MB sent (shared_host.overlap_us_per_mb)
     op_factor: dict[str, float] = field(default_factory=dict)   # an op's share of the bandwidth (1.0 if absent)
     large_op_factor: dict[str, float] = field(default_factory=dict)   # the same on tensors over the mmap threshold
 
@@ -109,7 +109,7 @@ class Link:
         and ``collective_us`` per op). The timed tiny collective already includes the
         latency, so where it was measured it replaces latency x messages. ``sync_us``,
         ``overlap_us_per_mb``, ``op_factor`` and ``large_op_factor``, where the probe measured them
-        (:func:`~onetrick.perf.measure.links.measured_link`), are kept."""
+        (:func:`~onetrick.perf.measure.shared_host.measured_link`), are kept."""
         gbps = (link.get("measured_mbps") or 0) / 1e3 or None
         coll = link.get("collective_us")
         busy = {"sync_us": link.get("sync_us") or 0.0, "overlap_us_per_mb": link.get("overlap_us_per_mb") or 0.0,
