@@ -196,9 +196,10 @@ def test_skip_corrupt_warns_once_per_image_in_one_line(tmp_path):
                       "--batch", "2", "--eval-every", "4", "--out", tmp_path / "run", *FAST)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    warned = [line for line in lines if "corrupt" in line]
+    warned = [line for line in lines if "skipping corrupt image" in line]
     assert sorted(warned) == sorted(f"onetrick: warning: skipping corrupt image: {p} "
                                     f"(cannot identify image file '{p}')" for p in bad), lines
+    assert "onetrick: warning: --skip-corrupt skipped 2 unreadable training image(s) in all" in lines, lines
     assert not any("warnings.warn" in line for line in lines)
 
 

@@ -10,6 +10,7 @@ model every worker starts from in ``worker``. Worker 0 writes ``metrics.jsonl``,
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,6 +176,8 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None, pr
             checkpoint.save(cfg.out, step, strategy.state_dict(), meta)
             totals.checkpoint_s += time.perf_counter() - ckpt_start
     bar.close()
+    if cfg.skip_corrupt:
+        _report_skipped(rt, data)
     peaks = gather_peaks(rt.device)   # collective: every worker's peak, to worker 0's summary
     summary = {**test, "steps": step, **totals.summary(time.perf_counter() - start_time),
                "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_worker": peaks,
@@ -185,6 +188,20 @@ def train_worker(rt: Runtime, cfg: TrainConfig, source: Source | None = None, pr
         summary["plan"] = {**cfg.plan, "measured_step_ms": _median_ms(step_times[1:] or step_times)}
     log.summary(cfg.out, summary)
     return summary
+
+
+def _report_skipped(rt: Runtime, data) -> None:
+    """``--skip-corrupt``: after the one line per image, one line with the total, counted
+    over every worker (collective: each worker flagged only the images of its own shard)."""
+    mine = list(getattr(data.train, "skipped", []))
+    everyone = [mine]
+    if torch.distributed.is_initialized() and rt.world > 1:
+        everyone = [None] * rt.world
+        torch.distributed.all_gather_object(everyone, mine)
+    paths = {path for part in everyone for path in part}
+    if rt.is_main and paths:
+        print(f"onetrick: warning: --skip-corrupt skipped {len(paths)} unreadable training image(s) in all",
+              file=sys.stderr, flush=True)
 
 
 def _median_ms(seconds: list[float]) -> float | None:
